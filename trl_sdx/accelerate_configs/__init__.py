@@ -1,0 +1,1 @@
+"""Accelerate launch configs shipped with trl_sdx (`--accelerate_config NAME`)."""
