@@ -103,7 +103,9 @@ class EntropyAwareGKDConfig(DistillationConfig):
     )
     loss_chunk_size: int = field(
         default=1024,
-        metadata={"help": "Tokens per chunk of the fused loss (memory ~ chunk_size x vocab). Ignored by the plain path."},
+        metadata={
+            "help": "Tokens per chunk of the fused loss (memory ~ chunk_size x vocab). Ignored by the plain path."
+        },
     )
 
     def __post_init__(self):

@@ -24,6 +24,7 @@ from trl import DistillationTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
     RepeatSampler,
+    maybe_gather_lm_head_ctx,
     repeat_iterable_dataset,
     selective_log_softmax,
     shuffle_sequence_dict,
@@ -139,6 +140,11 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
             raise ValueError(
                 "`teacher_model` is required: pass a model id/path or a `PreTrainedModel` sharing the student's "
                 "vocabulary."
+            )
+        if teacher_model is model and not isinstance(model, str):
+            raise ValueError(
+                "`teacher_model` is the student object itself; the teacher is frozen, so that would freeze the "
+                "student too. Pass a separate copy (`copy.deepcopy(model)`) or load the teacher again."
             )
         if isinstance(processing_class, ProcessorMixin):
             raise ValueError(
@@ -301,18 +307,19 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         if self.args.use_fused_loss:
             hidden = self._model_hidden_states(unwrapped_student, inputs)
             head = unwrapped_student.get_output_embeddings()
-            weight, bias = _full_tensor(head.weight), _full_tensor(head.bias)
             out = torch.empty(completion_ids.shape, dtype=torch.float32, device=hidden.device)
             flat_hidden, flat_ids = hidden.reshape(-1, hidden.size(-1)), completion_ids.reshape(-1)
             flat_out = out.view(-1)
             chunk = self.args.loss_chunk_size  # bounds the [chunk, vocab] logits like the fused loss does
-            for start in range(0, flat_ids.numel(), chunk):
-                logits = flat_hidden[start : start + chunk] @ weight.t()
-                if bias is not None:
-                    logits = logits + bias
-                flat_out[start : start + chunk] = selective_log_softmax(
-                    logits.float() / self.temperature, flat_ids[start : start + chunk]
-                )
+            with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head is read without its forward
+                weight, bias = _full_tensor(head.weight), _full_tensor(head.bias)
+                for start in range(0, flat_ids.numel(), chunk):
+                    logits = flat_hidden[start : start + chunk] @ weight.t()
+                    if bias is not None:
+                        logits = logits + bias
+                    flat_out[start : start + chunk] = selective_log_softmax(
+                        logits.float() / self.temperature, flat_ids[start : start + chunk]
+                    )
             return out
         logits = self._model_logits(unwrapped_student, inputs)
         return selective_log_softmax(logits.float() / self.temperature, completion_ids)
@@ -374,19 +381,23 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
             student_head = unwrapped_student.get_output_embeddings()
             teacher_head = unwrapped_teacher.get_output_embeddings()
             device = student_head.weight.device
-            return fused_entropy_aware_opd_loss(
-                student_hidden.to(device),
-                _full_tensor(student_head.weight),
-                teacher_hidden.to(device),
-                _full_tensor(teacher_head.weight).to(device),
-                completion_ids.to(device),
-                loss_mask.to(device),
-                old_logprobs,
-                student_bias=_full_tensor(student_head.bias),
-                teacher_bias=_full_tensor(teacher_head.bias),
-                chunk_size=args.loss_chunk_size,
-                **options,
-            )
+            # The fused loss reads the heads' weights directly (their forward never runs): under ZeRO-3 gather them
+            # for the call; it computes its lm_head gradients inside the forward, so nothing is needed at backward.
+            with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight,
+                                          teacher_head.bias):
+                return fused_entropy_aware_opd_loss(
+                    student_hidden.to(device),
+                    _full_tensor(student_head.weight),
+                    teacher_hidden.to(device),
+                    _full_tensor(teacher_head.weight).to(device),
+                    completion_ids.to(device),
+                    loss_mask.to(device),
+                    old_logprobs,
+                    student_bias=_full_tensor(student_head.bias),
+                    teacher_bias=_full_tensor(teacher_head.bias),
+                    chunk_size=args.loss_chunk_size,
+                    **options,
+                )
         student_logits = self._model_logits(unwrapped_student, inputs)
         with torch.no_grad():
             teacher_logits = self._forward_redirection(
@@ -401,7 +412,11 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         # Gathered after `_forward_redirection` returns (a collective inside the wrapped forward could hang), then
         # averaged over processes and, by `DistillationTrainer.log`, over the micro-steps since the last log.
         mode = "train" if self.model.training else "eval"
-        values = torch.stack([stats[key].float() for key in METRIC_NAMES])
-        values = self.accelerator.gather_for_metrics(values.reshape(1, -1)).mean(0)
-        for name, value in zip(METRIC_NAMES.values(), values.tolist(), strict=True):
+        values = {key: stats[key].detach().float().reshape(1) for key in METRIC_NAMES}
+        if values["gate_fraction"].item() == 0.0:
+            # No gated token: the mean forward KL over gated tokens is undefined, not 0. NaN is skipped by
+            # `DistillationTrainer.log`, so it does not drag the average of the other micro-steps down.
+            values["fkl_gated"] = torch.full_like(values["fkl_gated"], float("nan"))
+        gathered = self.accelerator.gather_for_metrics(torch.cat(list(values.values())).reshape(1, -1))
+        for name, value in zip(METRIC_NAMES.values(), gathered.nanmean(0).tolist(), strict=True):
             self._metrics[mode][name].append(value)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    all_finite,
     check_eopd_options,
     check_ids,
     check_logits_pair,
     check_token_inputs,
     gate_enabled,
     raise_if_not_finite,
+    scaled_logits,
     take_rows,
     upcast,
     valid_row_index,
@@ -25,6 +27,13 @@ from ._common import (
 
 # Order of the per-token statistics accumulated by `eopd_sums` (a flat tensor so chunked code can add it up).
 EOPD_STAT_NAMES = ("teacher_entropy", "gate_count", "fkl_gated", "rkl_estimate", "clip_count", "student_entropy")
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """-sum_v p log p of a (detached) log-distribution with one [N, V] temporary instead of two."""
+    plogp = logp.exp()
+    plogp.mul_(logp)
+    return -plogp.sum(-1)
 
 
 def eopd_token_terms(student_logits, teacher_logits, completion_ids, old_logprobs=None, *, tau=0.8, alpha=1.0,
@@ -60,11 +69,11 @@ def eopd_token_terms(student_logits, teacher_logits, completion_ids, old_logprob
     `rkl_estimate` (log pi_old(y_t) - log pi_T(y_t)), `clipped` (bool: the clipped PPO branch is the max,
     so the token gets no gradient), `student_entropy`.
     """
-    student = upcast(student_logits) / temperature
+    student = scaled_logits(student_logits, temperature)
     with torch.no_grad():
-        teacher = upcast(teacher_logits).detach() / temperature
+        teacher = scaled_logits(teacher_logits.detach(), temperature)
         teacher_logp = teacher.log_softmax(-1)
-        teacher_entropy = -(teacher_logp.exp() * teacher_logp).sum(-1)
+        teacher_entropy = _entropy(teacher_logp)
         teacher_logp_y = teacher_logp.gather(-1, completion_ids[:, None]).squeeze(-1)
 
     student_logp = student.log_softmax(-1)
@@ -72,7 +81,7 @@ def eopd_token_terms(student_logits, teacher_logits, completion_ids, old_logprob
     old = student_logp_y.detach() if old_logprobs is None else upcast(old_logprobs).detach().to(student_logp_y.dtype)
 
     with torch.no_grad():
-        student_entropy = -(student_logp.exp() * student_logp).sum(-1)
+        student_entropy = _entropy(student_logp.detach())
         rkl_estimate = old - teacher_logp_y
 
     if rkl_estimator == "sampled":
@@ -198,10 +207,10 @@ def entropy_aware_opd_loss(student_logits, teacher_logits, completion_ids, compl
     old = take_rows(old_logprobs, rows) if old_logprobs is not None else None
     check_ids(ids, vocab_size)
     with torch.no_grad():
-        raise_if_not_finite(torch.isfinite(student_rows).all(), "`student_logits`")
-        raise_if_not_finite(torch.isfinite(teacher_rows).all(), "`teacher_logits`")
+        raise_if_not_finite(all_finite(student_rows), "`student_logits`")
+        raise_if_not_finite(all_finite(teacher_rows), "`teacher_logits`")
         if old is not None:
-            raise_if_not_finite(torch.isfinite(old).all(), "`old_logprobs`")
+            raise_if_not_finite(all_finite(old), "`old_logprobs`")
 
     terms = eopd_token_terms(student_rows, teacher_rows, ids, old, tau=tau, alpha=alpha, top_k=top_k,
                              clip_eps=clip_eps, temperature=temperature, rkl_estimator=rkl_estimator)

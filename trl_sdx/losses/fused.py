@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    all_finite,
     check_eopd_options,
     check_hidden_pair,
     check_ids,
@@ -59,21 +60,37 @@ def _linear(hidden, weight, bias):
 
 
 def _chunk_step(chunk_fn, options, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                teacher_bias, valid, scale, ids, old):
-    """One chunk: (scaled loss, stat sums, per-row loss, dloss/dstudent_logits, logits-finite flag)."""
+                teacher_bias, valid, scale, ids, old, functional=False):
+    """One chunk: (scaled loss, stat sums, per-row loss, dloss/dstudent_logits, logits-finite flag).
+
+    `functional=True` (the compiled path) differentiates with `torch.func.grad_and_value`, which dynamo traces;
+    eager uses `torch.autograd.grad`, whose gather/scatter backward runs in place (functorch's copies a
+    [chunk, V] tensor per gather)."""
     with torch.no_grad():
         teacher_logits = _linear(teacher_hidden, teacher_weight, teacher_bias)
-    student_logits = _linear(student_hidden, student_weight, student_bias)
+        student_logits = _linear(student_hidden, student_weight, student_bias)
 
     def loss_of_logits(logits):
         loss_sum, stat_sums, per_row = chunk_fn(logits, teacher_logits, valid, ids, old, options)
         return loss_sum * scale, (stat_sums, per_row)
 
-    grad_logits, (loss, (stat_sums, per_row)) = torch.func.grad_and_value(loss_of_logits, has_aux=True)(
-        student_logits
-    )
-    finite = torch.isfinite(student_logits).all() & torch.isfinite(teacher_logits).all()
+    if functional:
+        grad_logits, (loss, (stat_sums, per_row)) = torch.func.grad_and_value(loss_of_logits, has_aux=True)(
+            student_logits
+        )
+    else:
+        with torch.enable_grad():
+            student_logits.requires_grad_(True)
+            loss, (stat_sums, per_row) = loss_of_logits(student_logits)
+            (grad_logits,) = torch.autograd.grad(loss, student_logits)
+        loss = loss.detach()
+        student_logits = student_logits.detach()
+    finite = all_finite(student_logits, teacher_logits)
     return loss, stat_sums, per_row, grad_logits, finite
+
+
+def _compiled_chunk_step(*args):
+    return _chunk_step(*args, functional=True)
 
 
 _compiled_step = None
@@ -85,7 +102,7 @@ def _get_step(compiled: bool):
         return _chunk_step
     if _compiled_step is None:
         # dynamic=False: shapes are fixed by padding (see module docstring), so no symbolic-shape guards.
-        _compiled_step = torch.compile(_chunk_step, dynamic=False)
+        _compiled_step = torch.compile(_compiled_chunk_step, dynamic=False)
     return _compiled_step
 
 
@@ -125,7 +142,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=dtype, device=device)
         stat_sums = torch.zeros(n_stats, dtype=dtype, device=device)
         per_row = torch.empty(n_rows, dtype=dtype, device=device)
-        all_finite = torch.ones((), dtype=torch.bool, device=device)
+        finite_so_far = torch.ones((), dtype=torch.bool, device=device)
 
         step = _get_step(compiled)
         rows_per_chunk = _padded_rows(n_rows, chunk_size, compiled)
@@ -146,7 +163,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
             )
             loss += chunk_loss
             stat_sums += chunk_stats
-            all_finite &= finite
+            finite_so_far &= finite
             if chunk_per_row.numel():
                 per_row[start:end] = chunk_per_row[:real]
             grad_logits = grad_logits[:real]  # padding rows have exactly zero gradient
@@ -158,16 +175,18 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 grad_bias += grad_logits.sum(0).to(grad_bias.dtype)
             del grad_logits
 
-        raise_if_not_finite(all_finite, "The logits computed from `student_hidden`/`teacher_hidden` and the lm_head weights")
+        raise_if_not_finite(finite_so_far, "The logits from `student_hidden`/`teacher_hidden` and the lm_head weights")
         ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
         ctx.mark_non_differentiable(stat_sums, per_row)
         return loss, stat_sums, per_row
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_per_row):
-        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_rows, grad_weight, grad_bias)]
-        return (scaled[0], scaled[1], scaled[2]) + (None,) * 10
+        grads = ctx.saved_tensors
+        # loss.backward() sends exactly 1: skip a pass over the [V, H] weight gradient (as Liger does)
+        if not bool(grad_loss == 1):
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return tuple(grads) + (None,) * 10
 
 
 def _check_chunk_size(chunk_size) -> None:
@@ -189,7 +208,7 @@ def _run(chunk_fn, options, n_stats, student_hidden, student_weight, student_bia
     if ids_rows is not None:
         check_ids(ids_rows, student_weight.shape[0])
     if old_rows is not None:
-        raise_if_not_finite(torch.isfinite(old_rows).all(), "`old_logprobs`")
+        raise_if_not_finite(all_finite(old_rows), "`old_logprobs`")
     loss, stat_sums, per_row = ChunkedLinearLoss.apply(
         student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias, ids_rows, old_rows,
         chunk_fn, options, n_stats, int(chunk_size), bool(compiled),
@@ -242,8 +261,9 @@ def fused_topk_distillation_loss(student_hidden, student_weight, teacher_hidden,
                                  temperature=1.0, chunk_size=1024, compiled=False, return_stats=False):
     r"""`topk_distillation_loss` computed from hidden states and lm_head weights, chunk by chunk.
 
-        loss = sum_{t valid} [ w FKL_t + (1 - w) RKL_t ] / #(valid tokens)    (both renormalised on the
-                                                                              teacher's top-k; see `topk_kl_token_terms`)
+        loss = sum_{t valid} [ w FKL_t + (1 - w) RKL_t ] / #(valid tokens)
+
+    (both distributions renormalised on the teacher's top-k; see `topk_kl_token_terms`).
 
     Same value, gradients and stats (incl. `per_token_loss` [B, T]) as the plain version, without [B*T, V]
     logits. The teacher tensors get no gradient.

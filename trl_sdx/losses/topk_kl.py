@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from ._common import (
+    all_finite,
     check_logits_pair,
     check_topk_kl_options,
     raise_if_not_finite,
+    scaled_logits,
     take_rows,
-    upcast,
     valid_row_index,
     zero_loss_like,
 )
@@ -40,9 +41,9 @@ def topk_kl_token_terms(student_logits, teacher_logits, *, kl_type="mixed", mixe
     Returns a dict of [N] tensors: `loss` (differentiable w.r.t. `student_logits`), and detached
     `forward_kl`, `reverse_kl` for logging.
     """
-    student = upcast(student_logits) / temperature
+    student = scaled_logits(student_logits, temperature)
     with torch.no_grad():
-        teacher = upcast(teacher_logits).detach() / temperature
+        teacher = scaled_logits(teacher_logits.detach(), temperature)
         if top_k is None:
             teacher_logp = teacher.log_softmax(-1)
         else:
@@ -121,8 +122,8 @@ def topk_distillation_loss(student_logits, teacher_logits, mask, *, kl_type="mix
     student_rows = take_rows(student_logits, rows)
     teacher_rows = take_rows(teacher_logits, rows)
     with torch.no_grad():
-        raise_if_not_finite(torch.isfinite(student_rows).all(), "`student_logits`")
-        raise_if_not_finite(torch.isfinite(teacher_rows).all(), "`teacher_logits`")
+        raise_if_not_finite(all_finite(student_rows), "`student_logits`")
+        raise_if_not_finite(all_finite(teacher_rows), "`teacher_logits`")
     terms = topk_kl_token_terms(student_rows, teacher_rows, kl_type=kl_type, mixed_kl_weight=mixed_kl_weight,
                                 top_k=top_k, temperature=temperature)
     loss_sum, per_row, stat_sums = topk_kl_sums(terms)

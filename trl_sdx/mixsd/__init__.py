@@ -1,6 +1,12 @@
 """MixSD: knowledge injection by SFT on mixed contextual self-distillation targets (arXiv 2605.16865)."""
 
-from .evaluation import answer_accuracy, evaluate_knowledge_injection, greedy_answers, target_nll_stats
+from .evaluation import (
+    answer_accuracy,
+    evaluate_knowledge_injection,
+    greedy_answers,
+    lenient_answer_checker,
+    target_nll_stats,
+)
 from .mixed_decoding import MixedGenerationOutput, mixed_generate, select_mixed_tokens
 from .mixsd_config import MixSDConfig
 from .mixsd_trainer import MixSDTrainer
@@ -23,6 +29,7 @@ __all__ = [
     "expert_user_message",
     "gold_sft_dataset",
     "greedy_answers",
+    "lenient_answer_checker",
     "mixed_generate",
     "rejection_sample",
     "select_mixed_tokens",

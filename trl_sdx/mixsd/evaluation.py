@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,23 @@ import torch
 from .mixed_decoding import mixed_generate
 from .prompts import chat_prompt_ids
 from .rejection import AnswerChecker, default_answer_checker
+
+
+def lenient_answer_checker(answer: str, gold: str) -> bool:
+    """Evaluation grading: the final answer matches the gold one, or the gold value appears in the answer as a word.
+
+    The gold value is the gold turn's final answer (its \\boxed{} content, else last number, else the whole turn).
+    The fallback matters for models that state a fact without boxing it ("Paris is the capital of France."), which
+    is how a base model answers probe questions; it is applied alike to every model compared.
+    """
+    from trl_sdx.rewards import extract_final_answer
+
+    if default_answer_checker(answer, gold):
+        return True
+    value = (extract_final_answer(gold) or gold).strip()
+    if not value:
+        return False
+    return re.search(rf"(?<![\w]){re.escape(value)}(?![\w])", answer, flags=re.IGNORECASE) is not None
 
 
 def greedy_answers(
@@ -47,8 +65,11 @@ def answer_accuracy(
     model, tokenizer, questions: Sequence[str], gold_answers: Sequence[str], *,
     answer_checker: AnswerChecker | None = None, max_new_tokens: int = 64, batch_size: int = 16,
 ) -> dict:
-    """Share of questions whose greedy answer passes `answer_checker(answer_text, gold_answer_text)`."""
-    checker = answer_checker or default_answer_checker
+    """Share of questions whose greedy answer passes `answer_checker(answer_text, gold_answer_text)`.
+
+    The default checker is `lenient_answer_checker`.
+    """
+    checker = answer_checker or lenient_answer_checker
     answers = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [bool(checker(a, g)) for a, g in zip(answers, gold_answers, strict=True)]
     return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "correct": correct, "answers": answers}

@@ -8,7 +8,8 @@ Both conditionals are the *same* frozen model, prompted two ways, and both see t
 Per step a coin u_t ~ U(0, 1) picks the source: u_t < λ → naive, else expert. The decoder keeps one KV cache
 holding both conditionals' rows (rows [0, B) naive, [B, 2B) expert, each left-padded), so every step is a single
 forward of 2B one-token rows, the chosen token is appended to both rows of a sequence, and finished sequences are
-dropped from the cache.
+dropped from the cache. The prefill computes the prompts' shared beginning (system turn, user header, question)
+once: the naive rows start as masked copies of the expert rows' cache (see `_prefill_shared_prefix`).
 
 Randomness is drawn per sequence *before* decoding: sequence i takes `max_new_tokens` coins (and, at T > 0,
 `max_new_tokens` sampling uniforms) from its generator, in batch order, whatever its length. A batch therefore
@@ -18,12 +19,14 @@ list of per-sequence generators makes each result independent of the batch it ra
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..validation import check_range, check_top_k
 
@@ -145,6 +148,61 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def _plain_kv_cache(cache) -> bool:
+    """Full-attention KV layers only: masked-out cache columns are then exactly as if absent (not so for sliding
+    windows or recurrent states), which the shared-prefix prefill relies on."""
+    return len(cache.layers) > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _prefill(forward, rows: list[list[int]], pad_id: int, device):
+    """Left-padded prefill of every row; returns (attention mask, next position per row, last logits)."""
+    input_ids, attention_mask = _left_pad(rows, pad_id, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return attention_mask, attention_mask.sum(-1, keepdim=True), logits[:, -1, :]
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _prefill_shared_prefix(forward, cache, naive, expert, pad_id: int, device):
+    """Prefill rows [naive..., expert...] computing the prompts' shared beginning once.
+
+    x⁻ and x⁺ share their first tokens (system turn, user header, question): key/values there depend only on those
+    tokens and their positions, so the naive rows start as copies of the expert rows' cache with every column past
+    the shared prefix masked out, and only the naive remainder (the end-of-turn and assistant header) is computed.
+    The expert rows get masked filler tokens in that second forward, so one cache keeps all 2B rows aligned.
+    """
+    batch = len(naive)
+    mask_e, next_e, expert_logits = _prefill(forward, [list(p) for p in expert], pad_id, device)
+    # Recompute at least the last naive token: its logits are the naive conditional's first prediction.
+    common = [min(_common_prefix_length(n, e), len(n) - 1) for n, e in zip(naive, expert)]
+    index = torch.arange(batch, device=device)
+    cache.batch_select_indices(torch.cat([index, index]))  # rows [0, B) become the naive copies
+    width = mask_e.shape[1]
+    mask_n = mask_e.clone()
+    for i, c in enumerate(common):
+        pad = width - len(expert[i])
+        mask_n[i, pad + c:] = 0  # hide the expert-only columns from the naive row
+    suffix_ids, suffix_mask = _left_pad([list(n[c:]) for n, c in zip(naive, common)], pad_id, device)
+    suffix_positions = torch.tensor(common, device=device).unsqueeze(-1) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    filler = torch.full_like(suffix_ids, pad_id)
+    attention_mask = torch.cat([
+        torch.cat([mask_n, suffix_mask], dim=-1),
+        torch.cat([mask_e, torch.zeros_like(suffix_mask)], dim=-1),
+    ])
+    logits = forward(input_ids=torch.cat([suffix_ids, filler]), attention_mask=attention_mask,
+                     position_ids=torch.cat([suffix_positions, torch.zeros_like(suffix_positions)])).logits
+    naive_next = torch.tensor([len(n) for n in naive], device=device).unsqueeze(-1)
+    return attention_mask, torch.cat([naive_next, next_e]), torch.cat([logits[:batch, -1, :], expert_logits])
+
+
 @torch.no_grad()
 def mixed_generate(
     model,
@@ -200,28 +258,29 @@ def mixed_generate(
 
     # λ = 0 never reads the naive side, λ = 1 never reads the expert side: skip computing them (same result).
     sides = [s for s, needed in (("naive", lambda_mix > 0), ("expert", lambda_mix < 1)) if needed]
-    prompts = {"naive": naive_input_ids, "expert": expert_input_ids}
-    rows = [list(p) for side in sides for p in prompts[side]]
     device = model.get_input_embeddings().weight.device
     eos_ids = _eos_ids(model, eos_token_id)
-    input_ids, attention_mask = _left_pad(rows, _pad_id(model), device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     parameters = _forward_parameters(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     # transformers >= 5.2x names the KV-cache argument `cache` (`past_key_values` is deprecated); it is filled in place.
     cache = DynamicCache(config=model.config)
     cache_kwarg = {"cache" if "cache" in parameters else "past_key_values": cache}
+    forward = functools.partial(model, use_cache=True, **cache_kwarg, **extra)
+    pad_id = _pad_id(model)
 
     was_training = model.training
     model.eval()
     try:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=True, **cache_kwarg, **extra)
-        next_position = attention_mask.sum(-1, keepdim=True)  # [R, 1], the position of the next token per row
+        if len(sides) == 2 and _plain_kv_cache(cache):
+            attention_mask, next_position, last_logits = _prefill_shared_prefix(
+                forward, cache, naive_input_ids, expert_input_ids, pad_id, device)
+        else:
+            prompts = {"naive": naive_input_ids, "expert": expert_input_ids}
+            attention_mask, next_position, last_logits = _prefill(
+                forward, [list(p) for side in sides for p in prompts[side]], pad_id, device)
         active = torch.arange(batch_size)  # original indices of the sequences still decoding
         for step in range(max_new_tokens):
             n = len(active)
-            last_logits = outputs.logits[:, -1, :]
             naive_logits = last_logits[:n] if sides[0] == "naive" else last_logits
             expert_logits = last_logits[-n:]  # == naive_logits when only one side is computed
             step_uniforms = uniforms[active, step] if uniforms is not None else None
@@ -249,8 +308,8 @@ def mixed_generate(
                 active = active[torch.tensor(keep)]
             step_ids = tokens.repeat(len(sides)).unsqueeze(-1)  # the chosen token feeds every side
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(step_ids), 1))], dim=-1)
-            outputs = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=next_position,
-                            use_cache=True, **cache_kwarg)
+            last_logits = forward(input_ids=step_ids, attention_mask=attention_mask,
+                                  position_ids=next_position).logits[:, -1, :]
             next_position = next_position + 1
     finally:
         model.train(was_training)

@@ -23,7 +23,8 @@ from peft.utils import ModulesToSaveWrapper
 
 def _active_adapters(module) -> list[str]:
     adapters = module.active_adapters if hasattr(module, "active_adapters") else [module.active_adapter]
-    return [name for name in adapters if name in getattr(module, "lora_A", {})]
+    owned = set(getattr(module, "lora_A", {})) | set(getattr(module, "lora_embedding_A", {}))
+    return [name for name in adapters if name in owned]
 
 
 def merged_student_tensors(student) -> Iterator[tuple[str, torch.Tensor]]:

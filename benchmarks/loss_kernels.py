@@ -1,0 +1,268 @@
+"""Peak memory and time of loss + backward for the EOPD loss kernels and two reference implementations.
+
+Methods (same inputs: student/teacher final hidden states and lm_head weights, N completion tokens):
+  plain_eopd        `entropy_aware_opd_loss` on full logits (hidden @ W^T built by the caller, as a trainer does)
+  fused_eopd        `fused_entropy_aware_opd_loss` (chunked, eager)
+  fused_eopd_compiled  the same with compiled=True
+  trl_gkd_beta1     TRL `GKDTrainer.generalized_jsd_loss(beta=1)` on full logits
+  liger_jsd_beta1   Liger `LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0, weight_soft_loss=1)` (compiled=True)
+The EOPD runs use the paper defaults (tau=0.8, top-k 16, alpha=1, clip 0.2) with old log-probs given.
+
+Every (method, N) runs in a fresh subprocess so one method's allocations cannot influence another's.
+Peak memory is "above the inputs": the increase of the peak over the memory held just before the measured
+call (inputs + weights + everything the warm-ups left, e.g. compiled code), for one loss + backward.
+  * cuda: torch.cuda.reset_peak_memory_stats(), max_memory_allocated() - memory_allocated() before the call.
+  * cpu:  torch has no CPU allocator statistics, so the process's resident set is used: the peak RSS
+          (VmHWM in /proc/self/status) is reset by writing "5" to /proc/self/clear_refs right before the
+          measured call and read after it. glibc is told to serve every allocation >= 64 KiB with mmap
+          (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the RSS at once and RSS tracks live tensors.
+Time: median of `--repeats` timed calls after `--warmups` untimed ones (cuda: synchronised).
+
+Examples:
+  python benchmarks/loss_kernels.py --device cpu --out benchmarks/results/loss_kernels_cpu.json \
+      --markdown benchmarks/results/loss_kernels_cpu.md
+  python benchmarks/loss_kernels.py --device cpu --sizes 256 --vocab 4096 --hidden-student 256 \
+      --hidden-teacher 256 --repeats 2 --warmups 1          # quick smoke run
+  python benchmarks/loss_kernels.py --device cuda           # Qwen3 sizes, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("plain_eopd", "fused_eopd", "fused_eopd_compiled", "trl_gkd_beta1", "liger_jsd_beta1")
+DEFAULTS = {
+    "cpu": dict(sizes=[2048], hidden_student=1024, hidden_teacher=1024, vocab=32768, dtype="float32", chunk_size=256),
+    "cuda": dict(sizes=[4096, 16384, 32768], hidden_student=2048, hidden_teacher=4096, vocab=151936, dtype="bfloat16",
+                 chunk_size=1024),
+}
+EOPD_OPTIONS = dict(tau=0.8, alpha=1.0, top_k=16, clip_eps=0.2, temperature=1.0)
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def _make_inputs(torch, args, device, dtype):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, hs, ht, v = args.n, args.hidden_student, args.hidden_teacher, args.vocab
+
+    def randn(*shape, std):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    # Scales give logits with std ~3: teacher entropies on both sides of tau=0.8, like a trained LM.
+    inputs = dict(
+        student_hidden=randn(1, n, hs, std=1.0).requires_grad_(),
+        student_weight=randn(v, hs, std=3.0 / hs**0.5).requires_grad_(),
+        teacher_hidden=randn(1, n, ht, std=1.0),
+        teacher_weight=randn(v, ht, std=3.5 / ht**0.5),
+        ids=torch.randint(0, v, (1, n), generator=gen).to(device),
+        mask=torch.ones(1, n, device=device),
+    )
+    with torch.no_grad():  # old log-probs: the student's at rollout time, a little off-policy
+        logits = inputs["student_hidden"][0] @ inputs["student_weight"].t()
+        old = logits.float().log_softmax(-1).gather(-1, inputs["ids"][0][:, None]).squeeze(-1)
+        del logits
+        inputs["old"] = (old + 0.1 * torch.randn(n, generator=gen).to(device))[None]
+    return inputs
+
+
+def _make_step(torch, method, x, args):
+    from trl_sdx.losses import entropy_aware_opd_loss, fused_entropy_aware_opd_loss
+
+    if method == "plain_eopd":
+        def step():
+            student_logits = x["student_hidden"] @ x["student_weight"].t()
+            with torch.no_grad():
+                teacher_logits = x["teacher_hidden"] @ x["teacher_weight"].t()
+            return entropy_aware_opd_loss(student_logits, teacher_logits, x["ids"], x["mask"], x["old"], **EOPD_OPTIONS)
+    elif method in ("fused_eopd", "fused_eopd_compiled"):
+        def step():
+            return fused_entropy_aware_opd_loss(
+                x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["ids"],
+                x["mask"], x["old"], chunk_size=args.chunk_size, compiled=method.endswith("compiled"),
+                **EOPD_OPTIONS)
+    elif method == "trl_gkd_beta1":
+        from trl.experimental.gkd import GKDTrainer
+
+        def step():
+            student_logits = x["student_hidden"] @ x["student_weight"].t()
+            with torch.no_grad():
+                teacher_logits = x["teacher_hidden"] @ x["teacher_weight"].t()
+            return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=x["ids"], beta=1.0)
+    elif method == "liger_jsd_beta1":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(beta=1.0, weight_hard_loss=0.0, weight_soft_loss=1.0, compiled=True,
+                                          chunk_size=args.chunk_size)
+
+        def step():
+            return loss_fn(x["student_hidden"][0], x["student_weight"], x["teacher_hidden"][0], x["teacher_weight"],
+                           x["ids"][0])
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return step
+
+
+def worker(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    x = _make_inputs(torch, args, device, dtype)
+    step = _make_step(torch, args.worker, x, args)
+
+    def run_once():
+        for p in (x["student_hidden"], x["student_weight"]):
+            p.grad = None
+        loss = step()
+        loss.backward()
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmups):
+        run_once()
+    sync()
+    for p in (x["student_hidden"], x["student_weight"]):
+        p.grad = None
+
+    # memory of one call
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = run_once()
+        sync()
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _rss_mib("VmRSS")
+        loss = run_once()
+        peak_mib = _rss_mib("VmHWM") - base
+
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        start = time.perf_counter()
+        run_once()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"method": args.worker, "n": args.n, "loss": float(loss), "peak_mib": peak_mib,
+            "median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times]}
+
+
+# ----------------------------------------------------------------------------------------------- driver side
+def run_one(args, method: str, n: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n)]
+    for name in ("device", "hidden_student", "hidden_teacher", "vocab", "dtype", "chunk_size", "repeats", "warmups"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"method": method, "n": n, "error": " | ".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def to_markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"# Loss kernels on {cfg['device']} ({report['machine']})",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Student hidden {cfg['hidden_student']}, teacher hidden {cfg['hidden_teacher']}, vocab {cfg['vocab']}, "
+        f"{cfg['dtype']}, chunk size {cfg['chunk_size']}; loss + backward; median of {cfg['repeats']} runs after "
+        f"{cfg['warmups']} warm-ups; peak memory above the inputs ({report['memory_method']}). "
+        "Ratios are relative to plain_eopd at the same N.",
+        "",
+        "| N | method | time ms | peak MiB | time / plain | memory / plain | loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        if "error" in row:
+            lines.append(f"| {row['n']} | {row['method']} | error: {row['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {row['n']} | {row['method']} | {row['median_ms']:.0f} | {row['peak_mib']:.0f} | "
+            f"{row.get('time_vs_plain', float('nan')):.2f} | {row.get('memory_vs_plain', float('nan')):.3f} | "
+            f"{row['loss']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", help="numbers of completion tokens N (default per device)")
+    parser.add_argument("--hidden-student", type=int)
+    parser.add_argument("--hidden-teacher", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--chunk-size", type=int, help="rows per chunk for the fused/Liger methods")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmups", type=int, default=2)
+    parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument("--markdown", help="write a markdown table here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results = []
+    for n in args.sizes:
+        rows = [run_one(args, method, n) for method in args.methods]
+        plain = next((r for r in rows if r["method"] == "plain_eopd" and "error" not in r), None)
+        for row in rows:
+            if plain is not None and "error" not in row:
+                row["time_vs_plain"] = row["median_ms"] / plain["median_ms"]
+                row["memory_vs_plain"] = row["peak_mib"] / plain["peak_mib"]
+            print(json.dumps(row), flush=True)
+        results.extend(rows)
+    import torch
+
+    report = {
+        "command": "python benchmarks/loss_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "memory_method": ("torch.cuda max_memory_allocated" if args.device == "cuda" else
+                          "peak RSS via /proc/self/clear_refs + VmHWM, fresh process per method"),
+        "config": {k: getattr(args, k) for k in ("device", "sizes", "hidden_student", "hidden_teacher", "vocab",
+                                                  "dtype", "chunk_size", "repeats", "warmups")},
+        "eopd_options": EOPD_OPTIONS,
+        "results": results,
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

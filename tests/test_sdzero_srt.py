@@ -1,0 +1,171 @@
+"""SD-Zero Phase 1 (SRT): the SFT datasets' exact strings, collection + both SFT stages end to end, resume, CLI."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from trl_sdx.cli import main as cli_main
+from trl_sdx.data import make_arithmetic_dataset
+from trl_sdx.sdzero.srt import DONE_MARKER, SRTConfig, build_srt_sft_datasets, run_srt
+from trl_sdx.testing import make_tiny_model, make_tiny_tokenizer
+
+X = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+
+
+def parity_reward(completions, answer, **kwargs):
+    """Correctness a random tiny model can reach (about half of the answers), through the real grading path."""
+    return [float(len(c[0]["content"]) % 2) for c in completions]
+
+
+def test_sft_datasets_follow_the_spec_exactly():
+    revisions = Dataset.from_list([
+        {"prompt": X, "answer": "5", "y_init": "It is 6.", "init_reward": 0,
+         "control_phrase": "Wait, this response is wrong. Let me correct it.", "y_revised": "2 + 3 = 5. \\boxed{5}"},
+    ])
+    out = build_srt_sft_datasets(revisions)
+    generation, revision = out["generation"][0], out["revision"][0]
+    assert generation["prompt"] == X
+    assert generation["completion"] == [{"role": "assistant", "content": "It is 6.\n\nWait, this response is wrong. "
+                                         "Let me correct it.\n\n2 + 3 = 5. \\boxed{5}"}]
+    assert revision["prompt"] == [X[0], {"role": "user", "content": "What is 2 + 3?\n\nIt is 6.\n\nWait, this "
+                                         "response is wrong. Let me correct it."}]
+    assert revision["completion"] == [{"role": "assistant", "content": "2 + 3 = 5. \\boxed{5}"}]
+
+    plain = Dataset.from_list([{"prompt": "Q?", "y_init": "a", "control_phrase": "P", "y_revised": "b"}])
+    out = build_srt_sft_datasets(plain)
+    assert out["generation"][0] == {"prompt": "Q?", "completion": "a\n\nP\n\nb"}
+    assert out["revision"][0] == {"prompt": "Q?\n\na\n\nP", "completion": "b"}
+
+
+class RecordStart(TrainerCallback):
+    """The first weight of the model each SFT stage starts from."""
+
+    def __init__(self):
+        self.starts = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.starts.append(next(model.parameters()).detach().clone())
+
+
+def _config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "srt"), num_train_epochs=1, per_device_train_batch_size=4, bf16=False,
+                  use_cpu=True, report_to="none", save_strategy="no", init_max_new_tokens=6,
+                  revision_max_new_tokens=6, num_revisions=2, revise_correct=True, max_length=160,
+                  learning_rate=1e-3, seed=0)
+    kwargs.update(overrides)
+    return SRTConfig(**kwargs)
+
+
+def test_phase1_collects_revisions_and_runs_both_stages(tmp_path, monkeypatch):
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(tokenizer, seed=0)
+    initial = next(model.parameters()).detach().clone()
+    config = _config(tmp_path)
+    recorder = RecordStart()
+    final = run_srt(model, tokenizer, make_arithmetic_dataset(6), config, reward_funcs=[parity_reward],
+                    callbacks=[recorder])
+
+    root = tmp_path / "srt"
+    assert final == str(root / "stage2_revision")
+    counts = json.loads((root / "revisions" / "counts.json").read_text())
+    assert counts["problems"] == 6 and counts["init_samples"] == 6
+    assert counts["revision_attempts"] == 2 * 6  # revise_correct: every y_init gets 2 revision samples
+    assert counts["kept"] == counts["kept_from_incorrect"] + counts["kept_from_correct"] > 0
+    revisions = Dataset.from_json(str(root / "revisions" / "revisions.jsonl"))
+    assert len(revisions) == counts["kept"]
+    for row in revisions:  # only verified-correct revisions, with the phrase of their y_init's reward
+        assert parity_reward([[{"content": row["y_revised"]}]], None) == [1.0]
+        assert parity_reward([[{"content": row["y_init"]}]], None) == [float(row["init_reward"])]
+        assert row["control_phrase"] == (config.correct_phrase if row["init_reward"] else config.incorrect_phrase)
+
+    # stage 1 starts from the given model, stage 2 from the stage-1 weights
+    assert len(recorder.starts) == 2 and torch.equal(recorder.starts[0], initial)
+    stage1 = AutoModelForCausalLM.from_pretrained(root / "stage1_generation")
+    assert torch.equal(recorder.starts[1], next(stage1.parameters()))
+    assert not torch.equal(recorder.starts[1], initial)
+    for stage in ("stage1_generation", "stage2_revision"):
+        assert (root / stage / DONE_MARKER).is_file() and (root / stage / "config.json").is_file()
+
+    # rerun: everything is finished, nothing is sampled or trained again
+    monkeypatch.setattr("trl_sdx.sdzero.srt.collect_revisions", lambda *a, **k: pytest.fail("re-collected"))
+    monkeypatch.setattr("trl_sdx.sdzero.srt.SFTTrainer.train", lambda *a, **k: pytest.fail("re-trained"))
+    assert run_srt("not-a-model", tokenizer, make_arithmetic_dataset(6), config, reward_funcs=[parity_reward]) == final
+
+
+def test_rerun_resumes_at_the_unfinished_stage(tmp_path, monkeypatch):
+    tokenizer = make_tiny_tokenizer()
+    config = _config(tmp_path)
+    run_srt(make_tiny_model(tokenizer), tokenizer, make_arithmetic_dataset(4), config, reward_funcs=[parity_reward])
+    root = tmp_path / "srt"
+    (root / "stage2_revision" / DONE_MARKER).unlink()
+    monkeypatch.setattr("trl_sdx.sdzero.srt.collect_revisions", lambda *a, **k: pytest.fail("re-collected"))
+    recorder = RecordStart()
+    run_srt("unused", tokenizer, make_arithmetic_dataset(4), config, reward_funcs=[parity_reward],
+            callbacks=[recorder])
+    stage1 = AutoModelForCausalLM.from_pretrained(root / "stage1_generation")
+    assert len(recorder.starts) == 1 and torch.equal(recorder.starts[0], next(stage1.parameters()))
+
+
+def test_no_kept_revision_is_a_clear_error(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    never = lambda completions, **kwargs: [0.0] * len(completions)  # noqa: E731
+    with pytest.raises(ValueError, match="kept no verified revision"):
+        run_srt(make_tiny_model(tokenizer), tokenizer, make_arithmetic_dataset(2), _config(tmp_path),
+                reward_funcs=[never])
+
+
+def test_config_rejects_unknown_stages(tmp_path):
+    with pytest.raises(ValueError, match="srt_stages"):
+        _config(tmp_path, srt_stages=["generation", "polish"])
+
+
+def test_srt_cli_runs_offline_with_a_reward_import_path(tmp_path, monkeypatch):
+    from trl_sdx.scripts import sdzero_srt
+    from trl_sdx.testing import save_tiny_pair
+
+    student, _ = save_tiny_pair(tmp_path / "models")
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def parity(completions, **kwargs):
+            return [float(len(c[0]["content"]) % 2) for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "cli-srt"
+    args = sdzero_srt.make_parser().parse_args_and_config([
+        "--model_name_or_path", student, "--dataset_name", "synthetic-arithmetic", "--synthetic_num_prompts", "4",
+        "--reward_funcs", "my_rewards.parity", "--output_dir", str(out), "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "4", "--init_max_new_tokens", "6", "--revision_max_new_tokens", "6",
+        "--num_revisions", "2", "--revise_correct", "--bf16", "false", "--use_cpu", "--report_to", "none",
+        "--save_strategy", "no", "--max_length", "160", "--srt_stages", "generation",
+    ])
+    sdzero_srt.main(*args)
+    assert (out / "stage1_generation" / DONE_MARKER).is_file()
+    assert not (out / "stage2_revision").exists()  # only the requested stage
+
+
+@pytest.mark.parametrize("command", ["sdzero", "sdzero-srt"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--model_name_or_path" in capsys.readouterr().out
+
+
+def test_sdzero_cli_runs_offline(tmp_path):
+    from trl_sdx.scripts import sdzero
+    from trl_sdx.testing import save_tiny_pair
+
+    student, _ = save_tiny_pair(tmp_path / "models")
+    out = tmp_path / "cli-sdzero"
+    args = sdzero.make_parser().parse_args_and_config([
+        "--model_name_or_path", student, "--dataset_name", "synthetic-arithmetic", "--synthetic_num_prompts", "4",
+        "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--max_completion_length", "6", "--bf16", "false", "--use_cpu", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "1",
+    ])
+    assert args[1].teacher_mode == "auto"
+    sdzero.main(*args)
+    assert (out / "model.safetensors").is_file()

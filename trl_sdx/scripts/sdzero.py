@@ -1,0 +1,143 @@
+"""SD-Zero Phase 2 (on-policy self-distillation) from the command line, shaped like `trl distillation`.
+
+```bash
+# Offline demo on synthetic arithmetic (after Phase 1: `trl-sdx sdzero-srt --config examples/configs/sdzero_srt.yaml`)
+trl-sdx sdzero --config examples/configs/sdzero.yaml
+
+# The paper's setting: student and frozen teacher both start from the Phase 1 checkpoint theta_SRT
+trl-sdx sdzero \
+    --model_name_or_path outputs/srt/stage2_revision --teacher_model_name_or_path outputs/srt/stage2_revision \
+    --dataset_name my/math-prompts-with-answers --per_device_train_batch_size 16 --gradient_accumulation_steps 8 \
+    --max_completion_length 8192 --use_vllm --output_dir Qwen3-4B-SDZero
+
+# LoRA with the adapter-disabled teacher (one copy of the weights): --use_peft --teacher_mode disable_adapter
+```
+
+The dataset needs a `prompt` column and, for the default reward (`trl_sdx.rewards.boxed_answer_reward`), an `answer`
+column; `--reward_funcs my_pkg.my_module.my_reward` swaps the reward. Model names go through
+`trl_sdx.models.resolve_model_name_or_path` (the `smollm2-135m-instruct` alias works offline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from trl_sdx.sdzero.sdzero_config import SDZeroConfig
+
+SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
+SUMMARY_METRICS = ("sdzero/reward_mean", "sdzero/kl", "sdzero/kl_correct", "sdzero/kl_incorrect",
+                   "completions/mean_length", "sdzero/truncated_fraction")
+
+
+@dataclass
+class SDZeroScriptArguments(ScriptArguments):
+    """TRL's `ScriptArguments`, the built-in synthetic task, and the reward functions (both SD-Zero phases)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Dataset: a hub name or local path loaded with `datasets.load_dataset` (columns `prompt` and, "
+            f"for the default reward, `answer`), or `{SYNTHETIC_ARITHMETIC}` for generated word problems (offline)."
+        },
+    )
+    synthetic_num_prompts: int = field(default=512, metadata={"help": f"Number of prompts of `{SYNTHETIC_ARITHMETIC}`."})
+    synthetic_difficulty: int = field(
+        default=1, metadata={"help": f"Difficulty of `{SYNTHETIC_ARITHMETIC}` (1 = two-digit additions)."}
+    )
+    synthetic_seed: int = field(default=0, metadata={"help": f"Seed of `{SYNTHETIC_ARITHMETIC}`."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions as import paths ('package.module.function'), TRL's reward-function form. "
+            "Default: `trl_sdx.rewards.boxed_answer_reward` against the `answer` column."
+        },
+    )
+
+
+def load_datasets(script_args: SDZeroScriptArguments, want_eval: bool):
+    """(train, eval or None): the synthetic set built in-process, anything else through `load_dataset`."""
+    if script_args.dataset_name is None:
+        raise ValueError(f"`--dataset_name` is required: a dataset with `prompt` (+ `answer`) columns, or "
+                         f"`{SYNTHETIC_ARITHMETIC}`.")
+    if script_args.dataset_name == SYNTHETIC_ARITHMETIC:
+        from trl_sdx.data import make_arithmetic_dataset
+
+        dataset = make_arithmetic_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed,
+                                          difficulty=script_args.synthetic_difficulty)
+        if not want_eval:
+            return dataset, None
+        split = dataset.train_test_split(test_size=0.1, seed=script_args.synthetic_seed)
+        return split["train"], split["test"]
+    from datasets import load_dataset
+
+    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
+                           streaming=script_args.dataset_streaming)
+    eval_dataset = dataset[script_args.dataset_test_split] if want_eval else None
+    return dataset[script_args.dataset_train_split], eval_dataset
+
+
+def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool, revision: str | None) -> dict:
+    return dict(revision=revision, trust_remote_code=trust_remote_code,
+                attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+
+
+def print_summary(trainer) -> None:
+    """SD-Zero metrics of the first and the last logged step."""
+    logged = [entry for entry in trainer.state.log_history if "sdzero/reward_mean" in entry]
+    if not logged or not trainer.accelerator.is_main_process:
+        return
+    print("SD-Zero metrics (first -> last logged step):")
+    for name in SUMMARY_METRICS:
+        first, last = logged[0].get(name), logged[-1].get(name)
+        if first is not None and last is not None:
+            print(f"  {name:<26} {first:8.4f} -> {last:8.4f}")
+
+
+def main(script_args: SDZeroScriptArguments, training_args: SDZeroConfig, model_args: ModelConfig):
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_sdx.models import load_tokenizer, resolve_model_name_or_path
+    from trl_sdx.sdzero import SDZeroTrainer
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("`--model_name_or_path` (the student, normally the Phase 1 checkpoint) is required.")
+    student_path = resolve_model_name_or_path(model_args.model_name_or_path)
+    training_args.teacher_model_name_or_path = resolve_model_name_or_path(training_args.teacher_model_name_or_path)
+
+    # As in TRL's distillation script: model flags apply to both models, the config's own kwargs win.
+    training_args.model_init_kwargs = {
+        **model_init_kwargs(model_args, training_args.trust_remote_code, model_args.model_revision),
+        **(training_args.model_init_kwargs or {}),
+    }
+    training_args.teacher_model_init_kwargs = {
+        **model_init_kwargs(model_args, training_args.trust_remote_code, training_args.teacher_model_revision),
+        **(training_args.teacher_model_init_kwargs or {}),
+    }
+    tokenizer = load_tokenizer(student_path, padding_side="left", trust_remote_code=training_args.trust_remote_code)
+    train_dataset, eval_dataset = load_datasets(script_args, want_eval=training_args.eval_strategy != "no")
+    trainer = SDZeroTrainer(
+        model=student_path,
+        reward_funcs=script_args.reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    print_summary(trainer)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((SDZeroScriptArguments, SDZeroConfig, ModelConfig), prog=prog)
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
