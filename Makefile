@@ -1,7 +1,6 @@
 # The two set-up commands of the README. Both create .venv on first use (tools/bootstrap.sh).
 VENV ?= .venv
 OFFLINE = HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1
-DEMO_OUT ?= outputs/demo-entropy-gkd
 
 .PHONY: env demo test
 
@@ -10,7 +9,7 @@ env:
 
 # Short real EntropyAwareGKDTrainer run: teacher SmolLM2-135M-Instruct, student its half-depth copy.
 demo: env
-	$(OFFLINE) $(VENV)/bin/trl-sdx entropy-gkd --config examples/configs/entropy_gkd_demo.yaml --output_dir $(DEMO_OUT)
+	$(OFFLINE) $(VENV)/bin/trl-sdx entropy-gkd --config examples/configs/entropy_gkd_demo.yaml
 
 # The whole test suite (CPU, offline).
 test: env

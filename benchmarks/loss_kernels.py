@@ -117,6 +117,8 @@ def _make_step(torch, method, x, args):
 def worker(args) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -154,21 +156,25 @@ def worker(args) -> dict:
         loss = run_once()
         peak_mib = _rss_mib("VmHWM") - base
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run_once()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {"method": args.worker, "n": args.n, "loss": float(loss), "peak_mib": peak_mib,
-            "median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times]}
+            "median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times],
+            # CPU time of the process (all threads): less sensitive than wall time to other jobs on a shared host
+            "median_cpu_ms": 1000 * statistics.median(cpu_times), "load_avg_1min": os.getloadavg()[0]}
 
 
 # ----------------------------------------------------------------------------------------------- driver side
 def run_one(args, method: str, n: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--n", str(n)]
-    for name in ("device", "hidden_student", "hidden_teacher", "vocab", "dtype", "chunk_size", "repeats", "warmups"):
+    for name in ("device", "hidden_student", "hidden_teacher", "vocab", "dtype", "chunk_size", "repeats", "warmups",
+                 "threads"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -186,21 +192,24 @@ def to_markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         f"Student hidden {cfg['hidden_student']}, teacher hidden {cfg['hidden_teacher']}, vocab {cfg['vocab']}, "
-        f"{cfg['dtype']}, chunk size {cfg['chunk_size']}; loss + backward; median of {cfg['repeats']} runs after "
+        f"{cfg['dtype']}, chunk size {cfg['chunk_size']}, torch threads {cfg['threads'] or 'default'}; "
+        f"loss + backward; median of {cfg['repeats']} runs after "
         f"{cfg['warmups']} warm-ups; peak memory above the inputs ({report['memory_method']}). "
-        "Ratios are relative to plain_eopd at the same N.",
+        "Ratios are relative to plain_eopd at the same N. CPU ms is the process CPU time (all threads); "
+        "`load avg` is the host's 1-minute load average when the method finished.",
         "",
-        "| N | method | time ms | peak MiB | time / plain | memory / plain | loss |",
-        "|---|---|---|---|---|---|---|",
+        "| N | method | wall ms | CPU ms | peak MiB | wall / plain | CPU / plain | memory / plain | load avg | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for row in report["results"]:
         if "error" in row:
-            lines.append(f"| {row['n']} | {row['method']} | error: {row['error']} | | | | |")
+            lines.append(f"| {row['n']} | {row['method']} | error: {row['error']} | | | | | | | |")
             continue
         lines.append(
-            f"| {row['n']} | {row['method']} | {row['median_ms']:.0f} | {row['peak_mib']:.0f} | "
-            f"{row.get('time_vs_plain', float('nan')):.2f} | {row.get('memory_vs_plain', float('nan')):.3f} | "
-            f"{row['loss']:.4f} |"
+            f"| {row['n']} | {row['method']} | {row['median_ms']:.0f} | {row['median_cpu_ms']:.0f} | "
+            f"{row['peak_mib']:.0f} | {row.get('time_vs_plain', nan):.2f} | {row.get('cpu_time_vs_plain', nan):.2f} | "
+            f"{row.get('memory_vs_plain', nan):.3f} | {row['load_avg_1min']:.1f} | {row['loss']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -217,6 +226,9 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmups", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads in each worker (0: torch's default). On a CPU host shared with "
+                             "other jobs, 1 avoids OpenMP threads waiting on descheduled peers at every op")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--markdown", help="write a markdown table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -240,6 +252,7 @@ def main(argv=None):
         for row in rows:
             if plain is not None and "error" not in row:
                 row["time_vs_plain"] = row["median_ms"] / plain["median_ms"]
+                row["cpu_time_vs_plain"] = row["median_cpu_ms"] / plain["median_cpu_ms"]
                 row["memory_vs_plain"] = row["peak_mib"] / plain["peak_mib"]
             print(json.dumps(row), flush=True)
         results.extend(rows)
@@ -251,7 +264,7 @@ def main(argv=None):
         "memory_method": ("torch.cuda max_memory_allocated" if args.device == "cuda" else
                           "peak RSS via /proc/self/clear_refs + VmHWM, fresh process per method"),
         "config": {k: getattr(args, k) for k in ("device", "sizes", "hidden_student", "hidden_teacher", "vocab",
-                                                  "dtype", "chunk_size", "repeats", "warmups")},
+                                                  "dtype", "chunk_size", "repeats", "warmups", "threads")},
         "eopd_options": EOPD_OPTIONS,
         "results": results,
     }

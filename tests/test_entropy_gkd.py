@@ -369,7 +369,8 @@ def test_cli_script_trains_two_steps_from_a_config_file(tmp_path):
         "logging_steps: 1\nuse_cpu: true\nbf16: false\nreport_to: none\nsave_strategy: 'no'\n"
         "gradient_checkpointing: false\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "trl_sdx.scripts.entropy_gkd", "--config", str(config_file)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

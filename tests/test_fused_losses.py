@@ -204,3 +204,18 @@ def test_compiled_survives_changing_token_counts():
             graphs_after_first_call = counters["stats"]["unique_graphs"]
     # every chunk is padded to one static shape: changing N must not trigger recompilation
     assert counters["stats"]["unique_graphs"] == graphs_after_first_call
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_fused_non_finite_logits_raise(value):
+    x = make_inputs(8)
+    weight = x["student_weight"].detach().clone()
+    weight[3] = 0.0
+    bias = x["student_bias"].detach().clone()
+    bias[3] = value  # logit 3 of every row is non-finite
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fused_entropy_aware_opd_loss(x["student_hidden"], weight, x["teacher_hidden"], x["teacher_weight"],
+                                     x["ids"], x["mask"], top_k=5, student_bias=bias, chunk_size=4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fused_topk_distillation_loss(x["student_hidden"], weight, x["teacher_hidden"], x["teacher_weight"],
+                                     x["mask"], top_k=5, student_bias=bias, chunk_size=4)

@@ -233,3 +233,16 @@ def test_bad_inputs_raise():
     bad_old[1, 1] = float("-inf")
     with pytest.raises(ValueError, match="old_logprobs"):
         entropy_aware_opd_loss(student, teacher, ids, mask, bad_old, top_k=4)
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logit_on_a_valid_token_raises(which, value):
+    """Detection runs through the entropies (see `entropies_finite`): every kind of bad value must trip it."""
+    student, teacher, ids, mask, old = make_inputs(8)
+    student = student.detach().clone()
+    target = student if which == "student" else teacher
+    target[1, 2, 5] = value
+    for options in (dict(top_k=4), dict(top_k=None, tau=float("inf"))):
+        with pytest.raises(ValueError, match=f"{which}_logits.*NaN or infinite"):
+            entropy_aware_opd_loss(student, teacher, ids, mask, old, **options)

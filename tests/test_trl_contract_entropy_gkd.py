@@ -4,6 +4,7 @@ by name, instead of silently training on a wrong rollout schedule or a misaligne
 import dataclasses
 import inspect
 
+import pytest
 import torch
 from datasets import Dataset
 from trl import DistillationConfig, DistillationTrainer

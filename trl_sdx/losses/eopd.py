@@ -70,14 +70,21 @@ def eopd_token_terms(student_logits, teacher_logits, completion_ids, old_logprob
     so the token gets no gradient), `student_entropy`.
     """
     student = scaled_logits(student_logits, temperature)
+    fkl_on, fkl_topk = gate_enabled(tau), gate_enabled(tau) and top_k is not None
     with torch.no_grad():
         teacher = scaled_logits(teacher_logits.detach(), temperature)
         teacher_logp = teacher.log_softmax(-1)
         teacher_entropy = _entropy(teacher_logp)
         teacher_logp_y = teacher_logp.gather(-1, completion_ids[:, None]).squeeze(-1)
+        if fkl_topk:
+            top_logits, top_index = teacher.topk(int(top_k), dim=-1)
+            support_teacher_logp = top_logits.log_softmax(-1)
 
     student_logp = student.log_softmax(-1)
-    student_logp_y = student_logp.gather(-1, completion_ids[:, None]).squeeze(-1)
+    # One gather for y_t and the top-k support: its backward scatters into a single [N, V] zero tensor.
+    index = torch.cat([completion_ids[:, None], top_index], dim=1) if fkl_topk else completion_ids[:, None]
+    student_logp_gathered = student_logp.gather(-1, index)
+    student_logp_y = student_logp_gathered[:, 0]
     old = student_logp_y.detach() if old_logprobs is None else upcast(old_logprobs).detach().to(student_logp_y.dtype)
 
     with torch.no_grad():
@@ -96,15 +103,11 @@ def eopd_token_terms(student_logits, teacher_logits, completion_ids, old_logprob
         clipped = torch.zeros_like(opd, dtype=torch.bool)
 
     gate = teacher_entropy >= tau
-    if gate_enabled(tau):
-        if top_k is None:
-            support_teacher_logp = teacher_logp
-            support_student_logp = student_logp
-        else:
-            with torch.no_grad():
-                top_logits, top_index = teacher.topk(int(top_k), dim=-1)
-                support_teacher_logp = top_logits.log_softmax(-1)
-            support_student_logp = student_logp.gather(-1, top_index)
+    if fkl_on:
+        if fkl_topk:
+            support_student_logp = student_logp_gathered[:, 1:]
+        else:  # full vocabulary: nothing to renormalise
+            support_teacher_logp, support_student_logp = teacher_logp, student_logp
         fkl = (support_teacher_logp.exp() * (support_teacher_logp - support_student_logp)).sum(-1)
         loss = opd + alpha * gate.to(fkl.dtype) * fkl
         fkl = fkl.detach()
@@ -143,6 +146,13 @@ def eopd_sums(terms, valid: torch.Tensor | None = None):
         torch.where(valid, terms["student_entropy"], zero).sum(),
     ]).detach()
     return loss_sum, stats
+
+
+def entropies_finite(stat_sums: torch.Tensor) -> torch.Tensor:
+    """The summed teacher and student entropies are finite iff every logit of the valid rows is: a NaN or
+    +-inf logit makes its row's log_softmax (+inf, NaN) or p*log p (0 * -inf) NaN. A free check."""
+    entropy_sums = stat_sums[[EOPD_STAT_NAMES.index("teacher_entropy"), EOPD_STAT_NAMES.index("student_entropy")]]
+    return torch.isfinite(entropy_sums).all()
 
 
 def eopd_stats_from_sums(stat_sums: torch.Tensor, n_valid: int | torch.Tensor) -> dict:
@@ -206,15 +216,15 @@ def entropy_aware_opd_loss(student_logits, teacher_logits, completion_ids, compl
     ids = take_rows(completion_ids, rows).long()
     old = take_rows(old_logprobs, rows) if old_logprobs is not None else None
     check_ids(ids, vocab_size)
-    with torch.no_grad():
-        raise_if_not_finite(all_finite(student_rows), "`student_logits`")
-        raise_if_not_finite(all_finite(teacher_rows), "`teacher_logits`")
-        if old is not None:
-            raise_if_not_finite(all_finite(old), "`old_logprobs`")
+    if old is not None:
+        raise_if_not_finite(all_finite(old), "`old_logprobs`")
 
     terms = eopd_token_terms(student_rows, teacher_rows, ids, old, tau=tau, alpha=alpha, top_k=top_k,
                              clip_eps=clip_eps, temperature=temperature, rkl_estimator=rkl_estimator)
     loss_sum, stat_sums = eopd_sums(terms)
+    if not bool(entropies_finite(stat_sums)):  # only then pay for the full checks that name the culprit
+        raise_if_not_finite(all_finite(student_rows), "`student_logits`")
+        raise_if_not_finite(all_finite(teacher_rows), "`teacher_logits`")
     loss = loss_sum / n_valid
     if not return_stats:
         return loss

@@ -36,7 +36,7 @@ from ._common import (
     valid_row_index,
     zero_loss_like,
 )
-from .eopd import EOPD_STAT_NAMES, eopd_stats_from_sums, eopd_sums, eopd_token_terms
+from .eopd import EOPD_STAT_NAMES, entropies_finite, eopd_stats_from_sums, eopd_sums, eopd_token_terms
 from .topk_kl import TOPK_KL_STAT_NAMES, scatter_rows, topk_kl_stats, topk_kl_sums, topk_kl_token_terms
 
 _MIN_BUCKET = 64
@@ -45,13 +45,14 @@ _MIN_BUCKET = 64
 def _eopd_chunk(student_logits, teacher_logits, valid, ids, old, options):
     terms = eopd_token_terms(student_logits, teacher_logits, ids, old, **dict(options))
     loss_sum, stat_sums = eopd_sums(terms, valid)
-    return loss_sum, stat_sums, loss_sum.new_zeros(0)  # EOPD needs no per-row output
+    # EOPD needs no per-row output; its entropies already tell whether all logits are finite
+    return loss_sum, stat_sums, loss_sum.new_zeros(0), entropies_finite(stat_sums)
 
 
 def _topk_kl_chunk(student_logits, teacher_logits, valid, ids, old, options):
     terms = topk_kl_token_terms(student_logits, teacher_logits, **dict(options))
     loss_sum, per_row, stat_sums = topk_kl_sums(terms, valid)
-    return loss_sum, stat_sums, per_row
+    return loss_sum, stat_sums, per_row, all_finite(student_logits, teacher_logits)
 
 
 def _linear(hidden, weight, bias):
@@ -71,21 +72,18 @@ def _chunk_step(chunk_fn, options, student_hidden, student_weight, student_bias,
         student_logits = _linear(student_hidden, student_weight, student_bias)
 
     def loss_of_logits(logits):
-        loss_sum, stat_sums, per_row = chunk_fn(logits, teacher_logits, valid, ids, old, options)
-        return loss_sum * scale, (stat_sums, per_row)
+        loss_sum, stat_sums, per_row, finite = chunk_fn(logits, teacher_logits, valid, ids, old, options)
+        return loss_sum * scale, (stat_sums, per_row, finite)
 
     if functional:
-        grad_logits, (loss, (stat_sums, per_row)) = torch.func.grad_and_value(loss_of_logits, has_aux=True)(
-            student_logits
-        )
+        grad_logits, (loss, (stat_sums, per_row, finite)) = torch.func.grad_and_value(
+            loss_of_logits, has_aux=True)(student_logits)
     else:
         with torch.enable_grad():
             student_logits.requires_grad_(True)
-            loss, (stat_sums, per_row) = loss_of_logits(student_logits)
+            loss, (stat_sums, per_row, finite) = loss_of_logits(student_logits)
             (grad_logits,) = torch.autograd.grad(loss, student_logits)
         loss = loss.detach()
-        student_logits = student_logits.detach()
-    finite = all_finite(student_logits, teacher_logits)
     return loss, stat_sums, per_row, grad_logits, finite
 
 

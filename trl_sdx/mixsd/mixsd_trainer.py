@@ -70,6 +70,12 @@ class MixSDTrainer(SFTTrainer):
                 f"`args` must be a `MixSDConfig` (got {type(args).__name__}); it carries the mixing parameters "
                 "(lambda_mix, temperature, top_k, max_retries, ...)."
             )
+        if train_dataset is not None and not isinstance(train_dataset, Dataset):
+            raise ValueError(
+                f"`train_dataset` must be a `datasets.Dataset` (got {type(train_dataset).__name__}): MixSD builds "
+                "every target before training. Materialise a streaming dataset first, e.g. "
+                "`Dataset.from_list(list(iterable_dataset))`."
+            )
         check_columns(
             train_dataset, [args.question_column, args.answer_column], argument="train_dataset",
             hint="MixSD needs the question and its gold answer turn; set `question_column` / `answer_column` in "

@@ -42,7 +42,9 @@ class SDZeroScriptArguments(ScriptArguments):
             f"for the default reward, `answer`), or `{SYNTHETIC_ARITHMETIC}` for generated word problems (offline)."
         },
     )
-    synthetic_num_prompts: int = field(default=512, metadata={"help": f"Number of prompts of `{SYNTHETIC_ARITHMETIC}`."})
+    synthetic_num_prompts: int = field(
+        default=512, metadata={"help": f"Number of prompts of `{SYNTHETIC_ARITHMETIC}`."}
+    )
     synthetic_difficulty: int = field(
         default=1, metadata={"help": f"Difficulty of `{SYNTHETIC_ARITHMETIC}` (1 = two-digit additions)."}
     )

@@ -51,7 +51,8 @@ class SDZeroConfig(DistillationConfig):
     # Reward r
     reward_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "Weights of the reward functions (like GRPO); None = all 1. The weighted sum is thresholded."},
+        metadata={"help": "Weights of the reward functions (like GRPO); None = all 1. Their weighted sum is "
+                          "thresholded by `reward_threshold`."},
     )
     reward_threshold: float = field(
         default=0.5,
@@ -134,7 +135,9 @@ class SDZeroConfig(DistillationConfig):
         check_range("mixed_kl_weight", self.mixed_kl_weight, low=0.0, high=1.0)
         check_top_k("distillation_topk", self.distillation_topk)
         if int(self.teacher_sync_steps) != self.teacher_sync_steps or self.teacher_sync_steps < 0:
-            raise ValueError(f"`teacher_sync_steps` must be an integer >= 0 (0 = never), got {self.teacher_sync_steps}.")
+            raise ValueError(
+                f"`teacher_sync_steps` must be an integer >= 0 (0 = never), got {self.teacher_sync_steps}."
+            )
         if self.teacher_max_length is not None and self.teacher_max_length <= 0:
             raise ValueError(f"`teacher_max_length` must be positive or None, got {self.teacher_max_length}.")
         if self.loss_chunk_size <= 0:
@@ -143,4 +146,6 @@ class SDZeroConfig(DistillationConfig):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"`{name}` must be a non-empty string.")
         if self.correct_phrase == self.incorrect_phrase:
-            raise ValueError("`correct_phrase` and `incorrect_phrase` are equal: the teacher could not tell r = 1 from r = 0.")
+            raise ValueError(
+                "`correct_phrase` and `incorrect_phrase` are equal: the teacher could not tell r = 1 from r = 0."
+            )

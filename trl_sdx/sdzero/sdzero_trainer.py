@@ -220,13 +220,15 @@ class SDZeroTrainer(DistillationTrainer):
         }
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
-                f"`reward_weights` has {len(args.reward_weights)} entries for {len(self.reward_funcs)} reward functions."
+                f"`reward_weights` has {len(args.reward_weights)} entries for {len(self.reward_funcs)} reward "
+                "functions."
             )
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
 
         self.teacher_max_length = args.teacher_max_length
         if self.teacher_max_length is None:
-            self.teacher_max_length = getattr(teacher_unwrapped.config.get_text_config(), "max_position_embeddings", None)
+            teacher_config = teacher_unwrapped.config.get_text_config()
+            self.teacher_max_length = getattr(teacher_config, "max_position_embeddings", None)
 
         self.use_fused_loss = args.use_fused_loss
         if self.use_fused_loss and (
@@ -370,7 +372,7 @@ class SDZeroTrainer(DistillationTrainer):
             with torch.no_grad():
                 teacher_hidden = self._teacher_hidden(student, inputs, width)
             student_head = student.get_output_embeddings()
-            teacher_head = self._teacher_module(student).get_output_embeddings()
+            teacher_head = self._teacher_unwrapped(student).get_output_embeddings()
             device = student_head.weight.device
             loss, stats = fused_topk_distillation_loss(
                 student_hidden.to(device), student_head.weight, teacher_hidden.to(device),
@@ -380,10 +382,12 @@ class SDZeroTrainer(DistillationTrainer):
             )
         else:
             student_logits = self._completion_logits(student, input_ids, attention_mask, width, self.model_kwarg_keys)
+            # the student (adapters off) or the teacher's prepared wrapper, whose forward gathers DeepSpeed shards
+            teacher = student if self.teacher_mode == "disable_adapter" else self.teacher_model
             with torch.no_grad(), self._teacher_context():
                 teacher_logits = self._completion_logits(
-                    self._teacher_module(student), inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
-                    width, self._teacher_forward_keys,
+                    teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], width,
+                    self._teacher_forward_keys,
                 )
             loss, stats = topk_distillation_loss(student_logits, teacher_logits.to(student_logits.device),
                                                  loss_mask.to(student_logits.device), **options)
@@ -391,7 +395,7 @@ class SDZeroTrainer(DistillationTrainer):
             loss = loss * loss_mask.sum() / num_items
         return loss, stats["per_token_loss"]
 
-    def _teacher_module(self, student):
+    def _teacher_unwrapped(self, student):
         return student if self.teacher_mode == "disable_adapter" else self.accelerator.unwrap_model(self.teacher_model)
 
     def _teacher_hidden(self, student, inputs, width):

@@ -241,8 +241,8 @@ def collect_revisions(sampler, tokenizer, dataset: Dataset, config: SRTConfig, r
 def build_srt_sft_datasets(revisions: Dataset) -> dict[str, Dataset]:
     """D_rev -> {"generation": ..., "revision": ...} in TRL's prompt/completion format (spec, Phase 1 step 4).
 
-    generation: prompt = x,                                       completion = y_init + "\\n\\n" + P_r + "\\n\\n" + y_revised
-    revision:   prompt = x + "\\n\\n" + y_init + "\\n\\n" + P_r (user turn), completion = y_revised
+    generation: prompt = x,                                  completion = y_init + "\\n\\n" + P_r + "\\n\\n" + y_rev
+    revision:   prompt = x + "\\n\\n" + y_init + "\\n\\n" + P_r (user turn), completion = y_rev
     """
     generation, revision = [], []
     for row in revisions:
