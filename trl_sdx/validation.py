@@ -10,11 +10,12 @@ import math
 from collections.abc import Iterable
 
 
-def check_tokenizer(tokenizer, *, argument: str = "processing_class", need_chat_template: bool = True) -> None:
+def check_tokenizer(tokenizer, *, argument: str = "processing_class", need_chat_template: bool = True,
+                    need_pad_token: bool = True) -> None:
     """A pad token is needed to batch rollouts; a chat template to build the prompts the methods specify."""
     if tokenizer is None:
         raise ValueError(f"`{argument}` is None: pass the tokenizer of the model (AutoTokenizer.from_pretrained(...)).")
-    if getattr(tokenizer, "pad_token_id", None) is None:
+    if need_pad_token and getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError(
             f"`{argument}` has no pad token. Set one before building the trainer, e.g. "
             "`tokenizer.pad_token = tokenizer.eos_token`."
@@ -93,3 +94,24 @@ def check_top_k(name: str, top_k: int | None, vocab_size: int | None = None) -> 
         raise ValueError(f"`{name}` must be a positive integer or None (full vocabulary), got {top_k}.")
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(f"`{name}`={top_k} is larger than the vocabulary ({vocab_size}); use at most {vocab_size} or None.")
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model was built for (None when its config does not say)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_fits_context(longest_prompt: int, max_new_tokens: int | None, model, *, argument: str = "train_dataset",
+                       knob: str = "max_completion_length") -> None:
+    """A prompt plus its completion must fit the model's context: past it, RoPE models silently produce garbage."""
+    limit = context_length(model)
+    if limit is None or max_new_tokens is None:
+        return
+    if longest_prompt + max_new_tokens > limit:
+        raise ValueError(
+            f"A prompt of `{argument}` has {longest_prompt} tokens; with `{knob}`={max_new_tokens} that exceeds the "
+            f"model's context of {limit} tokens. Drop or shorten long prompts (e.g. `dataset.filter(lambda row: "
+            f"len(tokenizer.apply_chat_template(row['prompt'])) <= {max(limit - max_new_tokens, 0)})`) or lower "
+            f"`{knob}`."
+        )

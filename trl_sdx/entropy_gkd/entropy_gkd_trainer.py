@@ -33,7 +33,7 @@ from trl.trainer.utils import (
 
 from ..losses import entropy_aware_opd_loss
 from ..losses.fused import fused_entropy_aware_opd_loss
-from ..validation import check_columns, check_same_vocab
+from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
 from .entropy_gkd_config import EntropyAwareGKDConfig
 
 logger = get_logger(__name__)
@@ -63,6 +63,10 @@ def _logit_postprocessing(model) -> list[str]:
         if value is not None and not (name != "final_logit_softcapping" and float(value) == 1.0):
             found.append(f"{name}={value}")
     return found
+
+
+def _is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
 def _full_tensor(tensor):
@@ -162,6 +166,12 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
                     f"`generation_batch_size`={args.generation_batch_size}. Use more prompts or lower "
                     "`generation_batch_size`/`steps_per_generation`/`per_device_train_batch_size`."
                 )
+            conversational = not isinstance(train_dataset, IterableDataset) and _is_conversational(
+                train_dataset[0]["prompt"])
+            if conversational and processing_class is not None:
+                # Conversational prompts go through the chat template at every rollout: fail now, not at step 1.
+                # (A missing pad token is fine: DistillationTrainer falls back to EOS.)
+                check_tokenizer(processing_class, need_pad_token=False)
         if teacher_processing_class is None and isinstance(teacher_model, str):
             teacher_processing_class = self._try_load_tokenizer(teacher_model, args)
 
@@ -278,6 +288,8 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        check_fits_context(output["prompt_mask"].sum(1).max().item(), self.args.max_completion_length,
+                           self.accelerator.unwrap_model(self.model))
         if self.model.training and self._needs_old_logprobs:
             output["old_logprobs"] = self._rollout_logprobs(output)
         return output

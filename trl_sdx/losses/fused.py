@@ -7,9 +7,11 @@ module follows the same recipe in one shared `torch.autograd.Function`:
 
 * rows = valid tokens only (padding never enters any computation);
 * per chunk of `chunk_size` rows: logits = hidden @ W^T (+ b) for student and teacher (teacher under no_grad),
-  the per-token equation from `eopd.py` / `topk_kl.py`, and dloss/dlogits via `torch.func.grad_and_value`;
+  the per-token equation from `eopd.py` / `topk_kl.py`, and dloss/dlogits (`torch.autograd.grad` in eager,
+  `torch.func.grad_and_value` when compiled);
 * still inside the forward: grad_hidden = g @ W and grad_W += g^T @ hidden (in place), grad_b += sum g;
-  backward only rescales these by the incoming gradient.
+  backward only rescales these by the incoming gradient. Non-finite logits are detected per chunk and
+  raise one ValueError at the end (one host sync).
 
 The loss is sum over all valid tokens / #valid tokens, so each chunk's contribution (and its gradient) is exact:
 the same value and gradient as the plain versions, up to float summation order.
