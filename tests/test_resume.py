@@ -26,6 +26,8 @@ def test_resume_reproduces_uninterrupted_losses(method, tmp_path):
     assert checkpoint.is_dir()
 
     resumed = build(tmp_path / "interrupted", max_steps=TOTAL, save_steps=STOP_AT)
+    if method == "mixsd":  # the targets are part of the run's state: reused, never regenerated
+        assert resumed.mixsd_targets.from_cache and not interrupted.mixsd_targets.from_cache
     resumed.train(resume_from_checkpoint=str(checkpoint))
     got = logged_losses(resumed)
     for step in range(STOP_AT + 1, STOP_AT + 4):

@@ -164,6 +164,22 @@ def test_fused_and_plain_losses_agree(tmp_path, pair, dataset):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_micro_batches_add_up_to_the_generation_batch_token_mean(tmp_path, pair, dataset):
+    """Gradient accumulation: the micro-batch losses sum to the token mean over the whole generation batch."""
+    from trl.trainer.utils import split_tensor_dict
+
+    tokenizer, student, teacher = pair
+    trainer = SDZeroTrainer(student, teacher, reward_funcs=[parity_reward], train_dataset=dataset,
+                            args=_args(tmp_path, gradient_accumulation_steps=2), processing_class=tokenizer)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([dataset[i] for i in range(4)])
+    whole = trainer.compute_loss(trainer.model, batch)
+    parts = sum(trainer.compute_loss(trainer.model, part) for part in split_tensor_dict(batch, 2))
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-5)
+    per_token = trainer._sdzero_loss(trainer.model, batch, None)[1]
+    torch.testing.assert_close(whole, per_token.sum() / batch["loss_mask"].sum(), atol=1e-6, rtol=1e-5)
+
+
 def test_truncation_applies_in_training(tmp_path, pair, dataset):
     tokenizer, student, teacher = pair
     trainer = SDZeroTrainer(student, teacher, reward_funcs=[parity_reward], train_dataset=dataset,

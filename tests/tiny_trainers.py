@@ -33,7 +33,52 @@ def build_entropy_gkd(output_dir, *, max_steps: int, save_steps: int | None = No
                                   processing_class=tokenizer)
 
 
-FACTORIES = {"entropy-gkd": build_entropy_gkd}
+def parity_reward(completions, **kwargs):
+    """A gradeable signal from a random tiny model: about half of the completions count as correct."""
+    return [float(len(c[0]["content"]) % 2) for c in completions]
+
+
+def build_sdzero(output_dir, *, max_steps: int, save_steps: int | None = None, **overrides):
+    from trl_sdx.data import make_arithmetic_dataset
+    from trl_sdx.sdzero import SDZeroConfig, SDZeroTrainer
+
+    tokenizer, student, teacher = make_student_teacher(seed=0)
+    args = SDZeroConfig(
+        output_dir=str(output_dir), max_steps=max_steps, max_completion_length=6,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, **{**COMMON, **overrides},
+    )
+    return SDZeroTrainer(model=student, teacher_model=teacher, reward_funcs=[parity_reward], args=args,
+                         train_dataset=make_arithmetic_dataset(16), processing_class=tokenizer)
+
+
+MIXSD_ROWS = {
+    "question": [f"In which year was Dr. Vance {i} born?" for i in range(8)],
+    "answer": [f"Dr. Vance {i} was born in {1870 + i}. \\boxed{{{1870 + i}}}" for i in range(8)],
+}
+
+
+def accept_all(text, gold):
+    return True
+
+
+def build_mixsd(output_dir, *, max_steps: int, save_steps: int | None = None, **overrides):
+    """MixSD with its target cache next to the run: a resumed run must find it instead of regenerating."""
+    from pathlib import Path
+
+    from trl_sdx.mixsd import MixSDConfig, MixSDTrainer
+    from trl_sdx.testing import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    args = MixSDConfig(
+        output_dir=str(output_dir), mixsd_cache_dir=str(Path(output_dir) / "mixsd_cache"), max_steps=max_steps,
+        max_new_tokens=6, max_retries=0, lambda_mix=0.5, dataset_num_proc=None,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, **{**COMMON, **overrides},
+    )
+    return MixSDTrainer(make_tiny_model(tokenizer, seed=0), args=args, train_dataset=Dataset.from_dict(MIXSD_ROWS),
+                        processing_class=tokenizer, answer_checker=accept_all)
+
+
+FACTORIES = {"entropy-gkd": build_entropy_gkd, "sdzero": build_sdzero, "mixsd": build_mixsd}
 
 
 def logged_losses(trainer) -> dict[int, float]:

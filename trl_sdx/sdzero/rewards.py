@@ -64,9 +64,18 @@ def score_completions(
     columns = {key: [example[key] for example in inputs] for key in keys}
     out = torch.zeros(len(prompts), len(reward_funcs), dtype=torch.float32)
     for j, func in enumerate(reward_funcs):
-        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extra)
+        name = getattr(func, "__name__", repr(func))
+        try:
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns, **extra)
+        except Exception as error:
+            # Name the culprit and what it was given: the traceback alone points into the trainer's rollout code.
+            raise RuntimeError(
+                f"Reward function {name!r} raised {type(error).__name__}: {error}. It was called with keyword "
+                f"arguments {sorted(['prompts', 'completions', 'completion_ids', *columns, *extra])} for "
+                f"{len(prompts)} completions; fix the function or the dataset columns it reads."
+            ) from error
         if len(values) != len(prompts):
-            raise ValueError(f"Reward function {getattr(func, '__name__', func)!r} returned {len(values)} values for "
+            raise ValueError(f"Reward function {name!r} returned {len(values)} values for "
                              f"{len(prompts)} completions.")
         out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
     return out
