@@ -24,13 +24,13 @@ from trl import DistillationTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
     RepeatSampler,
-    maybe_gather_lm_head_ctx,
     repeat_iterable_dataset,
     selective_log_softmax,
     shuffle_sequence_dict,
     split_tensor_dict,
 )
 
+from ..lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from ..losses import entropy_aware_opd_loss
 from ..losses.fused import fused_entropy_aware_opd_loss
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
@@ -49,31 +49,8 @@ METRIC_NAMES = {
     "student_entropy": "entropy",
 }
 
-# Config attributes by which models rescale or soft-cap their logits after the lm_head. The fused loss computes
-# `hidden @ W^T (+ b)` only, so such models need the plain path (their own forward applies these).
-_LOGIT_POSTPROCESSING_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-                               "final_logit_softcapping")
-
-
-def _logit_postprocessing(model) -> list[str]:
-    config = model.config.get_text_config()
-    found = []
-    for name in _LOGIT_POSTPROCESSING_ATTRS:
-        value = getattr(config, name, None)
-        if value is not None and not (name != "final_logit_softcapping" and float(value) == 1.0):
-            found.append(f"{name}={value}")
-    return found
-
-
 def _is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-def _full_tensor(tensor):
-    """Under FSDP2 the lm_head is a DTensor; the chunked loss needs the whole matrix once (as TRL does)."""
-    if tensor is not None and isinstance(tensor, torch.distributed.tensor.DTensor):
-        return tensor.full_tensor()
-    return tensor
 
 
 class EntropyAwareGKDTrainer(DistillationTrainer):
@@ -195,7 +172,7 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         # Only the student (or its adapters) trains; the teacher is a fixed target.
         unwrapped_teacher.requires_grad_(False)
         if args.use_fused_loss:
-            post = _logit_postprocessing(unwrapped_student) + _logit_postprocessing(unwrapped_teacher)
+            post = logit_postprocessing(unwrapped_student) + logit_postprocessing(unwrapped_teacher)
             if post:
                 raise ValueError(
                     f"The models post-process their logits ({', '.join(post)}), which the fused loss (hidden states "
@@ -318,13 +295,11 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         completion_ids = inputs["completion_ids"]
         if self.args.use_fused_loss:
             hidden = self._model_hidden_states(unwrapped_student, inputs)
-            head = unwrapped_student.get_output_embeddings()
             out = torch.empty(completion_ids.shape, dtype=torch.float32, device=hidden.device)
             flat_hidden, flat_ids = hidden.reshape(-1, hidden.size(-1)), completion_ids.reshape(-1)
             flat_out = out.view(-1)
             chunk = self.args.loss_chunk_size  # bounds the [chunk, vocab] logits like the fused loss does
-            with maybe_gather_lm_head_ctx(head.weight, head.bias):  # ZeRO-3: the head is read without its forward
-                weight, bias = _full_tensor(head.weight), _full_tensor(head.bias)
+            with gathered_lm_heads(unwrapped_student) as [(weight, bias)]:
                 for start in range(0, flat_ids.numel(), chunk):
                     logits = flat_hidden[start : start + chunk] @ weight.t()
                     if bias is not None:
@@ -353,12 +328,7 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
 
     def _model_logits(self, unwrapped_model, inputs) -> torch.Tensor:
         """The model's own logits at the positions that predict the completion tokens: [B, T, V]."""
-        input_ids, attention_mask, logits_to_keep = self._sequence(inputs)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if "logits_to_keep" in self.model_kwarg_keys:
-            kwargs["logits_to_keep"] = logits_to_keep + 1  # the last position predicts past the completion
-        logits = unwrapped_model(**kwargs).logits
-        return logits[:, :-1, :][:, -logits_to_keep:, :]
+        return completion_logits(unwrapped_model, *self._sequence(inputs), self.model_kwarg_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Routed through the DDP/FSDP wrapper (as DistillationTrainer does) so gradient sync and sharded parameters
@@ -390,23 +360,20 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
                 teacher_hidden = self._forward_redirection(
                     self.teacher_model, unwrapped_teacher, self._model_hidden_states, unwrapped_teacher, inputs
                 )
-            student_head = unwrapped_student.get_output_embeddings()
-            teacher_head = unwrapped_teacher.get_output_embeddings()
-            device = student_head.weight.device
-            # The fused loss reads the heads' weights directly (their forward never runs): under ZeRO-3 gather them
-            # for the call; it computes its lm_head gradients inside the forward, so nothing is needed at backward.
-            with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight,
-                                          teacher_head.bias):
+            # The fused loss reads the heads' weights directly (their forward never runs), gathered if sharded; it
+            # computes its lm_head gradients inside the forward, so nothing is needed at backward.
+            with gathered_lm_heads(unwrapped_student, unwrapped_teacher) as [(s_weight, s_bias), (t_weight, t_bias)]:
+                device = s_weight.device
                 return fused_entropy_aware_opd_loss(
                     student_hidden.to(device),
-                    _full_tensor(student_head.weight),
+                    s_weight,
                     teacher_hidden.to(device),
-                    _full_tensor(teacher_head.weight).to(device),
+                    t_weight.to(device),
                     completion_ids.to(device),
                     loss_mask.to(device),
                     old_logprobs,
-                    student_bias=_full_tensor(student_head.bias),
-                    teacher_bias=_full_tensor(teacher_head.bias),
+                    student_bias=s_bias,
+                    teacher_bias=t_bias,
                     chunk_size=args.loss_chunk_size,
                     **options,
                 )
