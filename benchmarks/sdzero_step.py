@@ -1,9 +1,10 @@
 """SD-Zero Phase 2 step time and peak memory vs TRL's experimental `SDPOTrainer`, on CPU, at equal batch and lengths.
 
 Models: randomly initialised Llamas with SmolLM2's tokenizer and vocabulary (49,152 tokens), untied embeddings, fp32.
-The time group uses `--hidden`/`--layers` (default 768/8, 125M parameters); the memory group uses a larger
-`--memory-hidden`/`--memory-layers` (default 1280/20, 468M parameters, 1.8 GiB per copy) so that its peak memory is
-dominated by weights rather than by the ~0.5 GiB the Python/torch/TRL imports take. Every configuration runs in a fresh
+The time group uses `--hidden`/`--layers` (default 768/8, 125M parameters). The memory group uses a wider, shallower
+`--memory-hidden`/`--memory-layers` (default 2560/6, 663M parameters, 2.5 GiB per copy): peak memory is
+baseline (~0.55 GiB of Python/torch/TRL imports) + weights x (1 or 2) + activations (which grow with width x depth x
+tokens), and the adapter-disabled saving is about weights, so the comparison needs weights to dominate. Every configuration runs in a fresh
 subprocess (clean peak RSS) and trains `--warmup` + measured optimizer steps; the step time is the median of the
 measured steps (generation + teacher forward + student forward/backward + optimizer). Memory is reported three ways:
 the process's peak RSS (`ru_maxrss`, the target's measure), the same net of the RSS after imports, and the peak of the
@@ -189,8 +190,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=768, help="time-group model width")
     parser.add_argument("--layers", type=int, default=8, help="time-group model depth")
-    parser.add_argument("--memory-hidden", type=int, default=1280, help="memory-group model width")
-    parser.add_argument("--memory-layers", type=int, default=20, help="memory-group model depth")
+    parser.add_argument("--memory-hidden", type=int, default=2560, help="memory-group model width")
+    parser.add_argument("--memory-layers", type=int, default=6, help="memory-group model depth")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--completion-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per time-group run")

@@ -303,6 +303,8 @@ def run_srt(model, tokenizer, dataset: Dataset, config: SRTConfig, reward_funcs=
     check_tokenizer(tokenizer, argument="tokenizer", need_chat_template=is_conversational(dataset[0]))
     weights = None if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
     model = resolve_model_name_or_path(model)
+    if config.use_vllm_collection and not isinstance(model, str):
+        raise ValueError("`use_vllm_collection=True` needs the model as a path, not an instance.")
     root = Path(config.output_dir)
     revisions_dir = root / REVISIONS_DIR
 
@@ -311,8 +313,6 @@ def run_srt(model, tokenizer, dataset: Dataset, config: SRTConfig, reward_funcs=
     if not (revisions_dir / "counts.json").is_file() and state.is_main_process:
         torch.manual_seed(config.seed)
         if config.use_vllm_collection:
-            if not isinstance(model, str):
-                raise ValueError("`use_vllm_collection=True` needs the model as a path, not an instance.")
             sampler = VLLMSampler(model, config)
         else:
             if isinstance(model, str):
