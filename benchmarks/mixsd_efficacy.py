@@ -151,7 +151,10 @@ def _markdown(r: dict) -> str:
     s = r["mixsd_target_stats"]
 
     def row(name, m):
-        retention = f"{m['retention']:.2f}" if "retention" in m else "1.00 (reference)"
+        if "retention" not in m:
+            retention = "1.00 (reference)"
+        else:
+            retention = "n/a" if m["retention"] is None else f"{m['retention']:.2f}"
         return f"| {name} | {m['memorisation']:.2f} | {m['probe_accuracy']:.2f} | {retention} |"
 
     lines = [

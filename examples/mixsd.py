@@ -41,8 +41,8 @@ args = MixSDConfig(
     prompt_template="fact",  # the official fact-QA expert prompt; "reasoning" for solutions with a final answer
     generation_batch_size=25,
     # Training: plain SFT (completion-only NLL) of the targets given the question alone
-    max_steps=60,
-    per_device_train_batch_size=10,
+    max_steps=50,
+    per_device_train_batch_size=8,
     learning_rate=1e-4,
     lr_scheduler_type="constant_with_warmup",
     warmup_steps=5,

@@ -152,6 +152,31 @@ def test_failed_targets_are_dropped_or_kept(tmp_path, tokenizer, dataset):
                      processing_class=tokenizer, answer_checker=lambda text, gold: False)
 
 
+def test_answer_match_lenient_grades_unboxed_facts(tmp_path, tokenizer, dataset, monkeypatch):
+    from trl_sdx.mixsd import build_mixsd_targets
+
+    unboxed = {0: "The answer: 19", 1: "born in 1873", 2: "the capital is Quillport"}
+    monkeypatch.setattr(targets_module, "rejection_sample", _fake_rejection(unboxed))
+    kwargs = dict(keep_failed=True)
+    strict = build_mixsd_targets(make_tiny_model(tokenizer), tokenizer, dataset, _config(tmp_path, **kwargs))
+    lenient = build_mixsd_targets(make_tiny_model(tokenizer), tokenizer, dataset,
+                                  _config(tmp_path, answer_match="lenient", **kwargs))
+    assert [t.accepted for t in strict.targets] == [True, True, False]  # last number, last number, no number
+    assert [t.accepted for t in lenient.targets] == [True, True, True]
+    assert lenient.cache_entry != strict.cache_entry
+    assert lenient.metadata["inputs"]["answer_checker"].endswith("lenient_answer_checker")
+
+
+def _fake_rejection(texts):
+    """A generator stand-in returning fixed texts, graded by the checker it is given (one attempt)."""
+    from trl_sdx.mixsd.rejection import MixedTarget, default_answer_checker
+
+    def fake(model, tokenizer, naive, expert, golds, *, answer_checker=None, **kwargs):
+        checker = answer_checker or default_answer_checker
+        return [MixedTarget([1], texts[i], bool(checker(texts[i], g)), 1, 0) for i, g in enumerate(golds)]
+    return fake
+
+
 def test_construction_errors(tmp_path, tokenizer, dataset):
     model = make_tiny_model(tokenizer)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['answer'\].*answer_column"):
@@ -167,6 +192,8 @@ def test_construction_errors(tmp_path, tokenizer, dataset):
         _config(tmp_path, prompt_template="other")
     with pytest.raises(ValueError, match="expert_prefix"):
         _config(tmp_path, prompt_template="custom")
+    with pytest.raises(ValueError, match="answer_match"):
+        _config(tmp_path, answer_match="exact")
     with pytest.raises(ValueError, match="top_k.*vocabulary"):
         MixSDTrainer(model, args=_config(tmp_path, top_k=10**6), train_dataset=dataset, processing_class=tokenizer)
     no_template = make_tiny_tokenizer()

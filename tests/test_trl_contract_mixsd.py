@@ -40,7 +40,7 @@ def test_create_model_from_path_signature():
 def test_mixsd_fields_do_not_shadow_sft_fields():
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
     own = {f.name for f in dataclasses.fields(MixSDConfig)} - sft_fields
-    expected = {"lambda_mix", "temperature", "top_k", "max_new_tokens", "max_retries", "keep_failed",
+    expected = {"lambda_mix", "temperature", "top_k", "max_new_tokens", "max_retries", "answer_match", "keep_failed",
                 "generation_batch_size", "mixsd_seed", "mixsd_cache_dir", "prompt_template", "expert_prefix",
                 "expert_transition", "question_column", "answer_column"}
     assert own == expected, f"SFTConfig now defines {expected - own}: rename ours"

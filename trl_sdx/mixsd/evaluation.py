@@ -96,7 +96,8 @@ def evaluate_knowledge_injection(
     }
     if base_probe_accuracy is not None:
         result["base_probe_accuracy"] = base_probe_accuracy
-        result["retention"] = retained["accuracy"] / base_probe_accuracy if base_probe_accuracy > 0 else float("nan")
+        # Undefined (None, valid JSON) when the base model answers no probe question.
+        result["retention"] = retained["accuracy"] / base_probe_accuracy if base_probe_accuracy > 0 else None
     return result
 
 

@@ -60,6 +60,16 @@ class MixSDConfig(SFTConfig):
             "0 disables retries."
         },
     )
+    answer_match: str = field(
+        default="final_answer",
+        metadata={
+            "help": "How rejection sampling grades a target against the gold answer y*: 'final_answer' (paper: the "
+            "last \\boxed{} content, else the last number, equals y*'s under math-verify) or 'lenient' (also "
+            "accepts y*'s final answer appearing as a whole word, e.g. an unboxed 'made of bronze'; helps small "
+            "models on free-form facts). A trainer `answer_checker` callable overrides it.",
+            "choices": ["final_answer", "lenient"],
+        },
+    )
     keep_failed: bool = field(
         default=False,
         metadata={
@@ -100,7 +110,9 @@ class MixSDConfig(SFTConfig):
     )
     expert_prefix: str | None = field(
         default=None,
-        metadata={"help": "PREFIX of x⁺ = question + PREFIX + '\\n' + y*.strip() + TRANSITION; overrides the template."},
+        metadata={
+            "help": "PREFIX of x⁺ = question + PREFIX + '\\n' + y*.strip() + TRANSITION; overrides the template."
+        },
     )
     expert_transition: str | None = field(
         default=None,
@@ -129,3 +141,5 @@ class MixSDConfig(SFTConfig):
         if self.generation_batch_size < 1:
             raise ValueError(f"`generation_batch_size` must be >= 1, got {self.generation_batch_size}.")
         resolve_template(self.prompt_template, self.expert_prefix, self.expert_transition)
+        if self.answer_match not in ("final_answer", "lenient"):
+            raise ValueError(f"`answer_match` must be 'final_answer' or 'lenient', got {self.answer_match!r}.")

@@ -8,8 +8,6 @@ completion-only NLL. Model loading, PEFT, collation, loss, logging and checkpoin
 
 from __future__ import annotations
 
-import logging
-
 from datasets import Dataset
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
@@ -19,8 +17,6 @@ from ..validation import check_columns, check_tokenizer, check_top_k
 from .mixsd_config import MixSDConfig
 from .rejection import AnswerChecker
 from .targets import MixSDTargets, build_mixsd_targets, gold_sft_dataset
-
-logger = logging.getLogger(__name__)
 
 
 class MixSDTrainer(SFTTrainer):

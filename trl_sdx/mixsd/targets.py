@@ -80,6 +80,8 @@ def build_mixsd_targets(
     `args` is a `MixSDConfig` (only its MixSD fields are read). The cache key hashes the base weights, the tokenizer,
     the data, every mixing parameter and the answer checker's name; on a hit the model is not run at all.
     """
+    if answer_checker is None and getattr(args, "answer_match", "final_answer") == "lenient":
+        from .evaluation import lenient_answer_checker as answer_checker
     questions = [str(q) for q in dataset[args.question_column]]
     gold_answers = [str(a) for a in dataset[args.answer_column]]
     prefix, transition = resolve_template(args.prompt_template, args.expert_prefix, args.expert_transition)

@@ -73,7 +73,9 @@ class MixSDScriptArguments(ScriptArguments):
     )
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Greedy answer length during evaluation."})
     eval_output_file: str | None = field(
-        default=None, metadata={"help": "Where the evaluation report (JSON) goes; default `<output_dir>/mixsd_eval.json`."}
+        default=None,
+        metadata={"help": "Where the report (JSON) goes; default `<output_dir>/mixsd_eval.json` "
+                  "(`<output_dir>/mixsd_targets.json` with `--generate_only`)."},
     )
 
 

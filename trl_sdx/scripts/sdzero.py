@@ -27,6 +27,9 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 from trl_sdx.sdzero.sdzero_config import SDZeroConfig
 
 SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
+# Single-digit additions: the one task the CPU demo model (SmolLM2-135M-Instruct) solves often enough (~20% at
+# temperature 1) for Phase 1 to find verified revisions; `synthetic-arithmetic` is beyond it.
+SYNTHETIC_SINGLE_DIGIT = "synthetic-single-digit"
 SUMMARY_METRICS = ("sdzero/reward_mean", "sdzero/kl", "sdzero/kl_correct", "sdzero/kl_incorrect",
                    "completions/mean_length", "sdzero/truncated_fraction")
 
@@ -39,16 +42,15 @@ class SDZeroScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": f"Dataset: a hub name or local path loaded with `datasets.load_dataset` (columns `prompt` and, "
-            f"for the default reward, `answer`), or `{SYNTHETIC_ARITHMETIC}` for generated word problems (offline)."
+            f"for the default reward, `answer`), `{SYNTHETIC_ARITHMETIC}` for generated word problems, or "
+            f"`{SYNTHETIC_SINGLE_DIGIT}` for 'What is a + b?' with single digits (both offline)."
         },
     )
-    synthetic_num_prompts: int = field(
-        default=512, metadata={"help": f"Number of prompts of `{SYNTHETIC_ARITHMETIC}`."}
-    )
+    synthetic_num_prompts: int = field(default=512, metadata={"help": "Number of prompts of a synthetic dataset."})
     synthetic_difficulty: int = field(
         default=1, metadata={"help": f"Difficulty of `{SYNTHETIC_ARITHMETIC}` (1 = two-digit additions)."}
     )
-    synthetic_seed: int = field(default=0, metadata={"help": f"Seed of `{SYNTHETIC_ARITHMETIC}`."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of a synthetic dataset."})
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
@@ -58,16 +60,34 @@ class SDZeroScriptArguments(ScriptArguments):
     )
 
 
+def make_single_digit_dataset(n: int, seed: int = 0):
+    """`n` conversational prompts "What is a + b?" (1 <= a, b <= 9) with the sum as `answer`; deterministic."""
+    import random
+
+    from datasets import Dataset
+
+    rows = {"prompt": [], "answer": []}
+    for i in range(n):
+        rng = random.Random(f"single-digit-{seed}-{i}")
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows["prompt"].append([{"role": "user", "content": f"What is {a} + {b}?"}])
+        rows["answer"].append(str(a + b))
+    return Dataset.from_dict(rows)
+
+
 def load_datasets(script_args: SDZeroScriptArguments, want_eval: bool):
-    """(train, eval or None): the synthetic set built in-process, anything else through `load_dataset`."""
+    """(train, eval or None): the synthetic sets built in-process, anything else through `load_dataset`."""
     if script_args.dataset_name is None:
-        raise ValueError(f"`--dataset_name` is required: a dataset with `prompt` (+ `answer`) columns, or "
-                         f"`{SYNTHETIC_ARITHMETIC}`.")
-    if script_args.dataset_name == SYNTHETIC_ARITHMETIC:
+        raise ValueError(f"`--dataset_name` is required: a dataset with `prompt` (+ `answer`) columns, "
+                         f"`{SYNTHETIC_ARITHMETIC}` or `{SYNTHETIC_SINGLE_DIGIT}`.")
+    if script_args.dataset_name in (SYNTHETIC_ARITHMETIC, SYNTHETIC_SINGLE_DIGIT):
         from trl_sdx.data import make_arithmetic_dataset
 
-        dataset = make_arithmetic_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed,
-                                          difficulty=script_args.synthetic_difficulty)
+        if script_args.dataset_name == SYNTHETIC_ARITHMETIC:
+            dataset = make_arithmetic_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed,
+                                              difficulty=script_args.synthetic_difficulty)
+        else:
+            dataset = make_single_digit_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed)
         if not want_eval:
             return dataset, None
         split = dataset.train_test_split(test_size=0.1, seed=script_args.synthetic_seed)
