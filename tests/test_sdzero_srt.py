@@ -146,6 +146,18 @@ def test_srt_cli_runs_offline_with_a_reward_import_path(tmp_path, monkeypatch):
     assert not (out / "stage2_revision").exists()  # only the requested stage
 
 
+def test_single_digit_demo_data_is_deterministic_and_gradeable():
+    from trl_sdx.rewards import boxed_answer_reward
+    from trl_sdx.sdzero.demo_data import make_single_digit_dataset
+
+    data = make_single_digit_dataset(8, seed=3)
+    assert data["prompt"] == make_single_digit_dataset(8, seed=3)["prompt"]
+    for prompt, answer in zip(data["prompt"], data["answer"]):
+        a, b = (int(t) for t in prompt[0]["content"].removeprefix("What is ").rstrip("?").split(" + "))
+        assert answer == str(a + b) and 1 <= a <= 9 and 1 <= b <= 9
+        assert boxed_answer_reward([[{"role": "assistant", "content": f"So \\boxed{{{a + b}}}"}]], [answer]) == [1.0]
+
+
 @pytest.mark.parametrize("command", ["sdzero", "sdzero-srt"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -179,6 +179,15 @@ def test_micro_batches_add_up_to_the_generation_batch_token_mean(tmp_path, pair,
     per_token = trainer._sdzero_loss(trainer.model, batch, None)[1]
     torch.testing.assert_close(whole, per_token.sum() / batch["loss_mask"].sum(), atol=1e-6, rtol=1e-5)
 
+    # the KL split by reward class is the token mean over the samples of that class
+    trainer._metrics["train"].clear()
+    batch["sdzero_rewards"] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    trainer._log_kl_by_reward(per_token, batch)
+    mask = batch["loss_mask"].float()
+    for key, rows in (("sdzero/kl_correct", [0, 2]), ("sdzero/kl_incorrect", [1, 3])):
+        expected = (per_token[rows] * mask[rows]).sum() / mask[rows].sum()
+        assert trainer._metrics["train"][key] == [pytest.approx(expected.item(), rel=1e-5)]
+
 
 def test_truncation_applies_in_training(tmp_path, pair, dataset):
     tokenizer, student, teacher = pair

@@ -27,8 +27,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 from trl_sdx.sdzero.sdzero_config import SDZeroConfig
 
 SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
-# Single-digit additions: the one task the CPU demo model (SmolLM2-135M-Instruct) solves often enough (~20% at
-# temperature 1) for Phase 1 to find verified revisions; `synthetic-arithmetic` is beyond it.
+# Single-digit additions (`trl_sdx.sdzero.demo_data`): what the CPU demo model can sometimes solve.
 SYNTHETIC_SINGLE_DIGIT = "synthetic-single-digit"
 SUMMARY_METRICS = ("sdzero/reward_mean", "sdzero/kl", "sdzero/kl_correct", "sdzero/kl_incorrect",
                    "completions/mean_length", "sdzero/truncated_fraction")
@@ -60,21 +59,6 @@ class SDZeroScriptArguments(ScriptArguments):
     )
 
 
-def make_single_digit_dataset(n: int, seed: int = 0):
-    """`n` conversational prompts "What is a + b?" (1 <= a, b <= 9) with the sum as `answer`; deterministic."""
-    import random
-
-    from datasets import Dataset
-
-    rows = {"prompt": [], "answer": []}
-    for i in range(n):
-        rng = random.Random(f"single-digit-{seed}-{i}")
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows["prompt"].append([{"role": "user", "content": f"What is {a} + {b}?"}])
-        rows["answer"].append(str(a + b))
-    return Dataset.from_dict(rows)
-
-
 def load_datasets(script_args: SDZeroScriptArguments, want_eval: bool):
     """(train, eval or None): the synthetic sets built in-process, anything else through `load_dataset`."""
     if script_args.dataset_name is None:
@@ -82,6 +66,7 @@ def load_datasets(script_args: SDZeroScriptArguments, want_eval: bool):
                          f"`{SYNTHETIC_ARITHMETIC}` or `{SYNTHETIC_SINGLE_DIGIT}`.")
     if script_args.dataset_name in (SYNTHETIC_ARITHMETIC, SYNTHETIC_SINGLE_DIGIT):
         from trl_sdx.data import make_arithmetic_dataset
+        from trl_sdx.sdzero.demo_data import make_single_digit_dataset
 
         if script_args.dataset_name == SYNTHETIC_ARITHMETIC:
             dataset = make_arithmetic_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed,
