@@ -3,12 +3,13 @@
 Models: randomly initialised Llamas with SmolLM2's tokenizer and vocabulary (49,152 tokens), untied embeddings, fp32.
 The time group uses `--hidden`/`--layers` (default 768/8, 125M parameters). The memory group uses a wider, shallower
 `--memory-hidden`/`--memory-layers` (default 2560/6, 663M parameters, 2.5 GiB per copy): peak memory is
-baseline (~0.55 GiB of Python/torch/TRL imports) + weights x (1 or 2) + activations (which grow with width x depth x
-tokens), and the adapter-disabled saving is about weights, so the comparison needs weights to dominate. Every configuration runs in a fresh
-subprocess (clean peak RSS) and trains `--warmup` + measured optimizer steps; the step time is the median of the
-measured steps (generation + teacher forward + student forward/backward + optimizer). Memory is reported three ways:
-the process's peak RSS (`ru_maxrss`, the target's measure), the same net of the RSS after imports, and the peak of the
-training phase alone (VmHWM reset at `on_train_begin`, so model-loading transients are excluded).
+baseline (~0.55 GiB of Python/torch/TRL imports) + weights x (1 or 2) + activations (which grow with
+width x depth x tokens), and the adapter-disabled saving is about weights, so the comparison needs weights to
+dominate. Every configuration runs in a fresh subprocess (clean peak RSS) and trains `--warmup` + measured
+optimizer steps; the step time is the median of the measured steps (generation + teacher forward + student
+forward/backward + optimizer). Memory is reported three ways: the process's peak RSS (`ru_maxrss`, the target's
+measure), the same net of the RSS after imports, and the peak of the training phase alone (VmHWM reset at
+`on_train_begin`, so model-loading transients are excluded).
 
 Equal work: B completions per step in both trainers, every completion exactly `--completion-len` tokens
 (`min_new_tokens`), top-k 64 distillation only (SDPO: `distillation_weight=1`, `distillation_mode='topk_logits'`,

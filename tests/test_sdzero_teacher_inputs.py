@@ -35,8 +35,8 @@ def test_hand_built_example_is_the_exact_concatenation():
     out = build_teacher_inputs(*_batch([x0, x1], [y0, y1]), torch.tensor([0, 1]), DELIMS, None,
                                pad_token_id=PAD, eos_token_ids=[EOS])
 
-    # chat(x) + y (EOS dropped from the first copy) + delim(P_r) + y
-    assert _row(out.input_ids[0], out.attention_mask[0]) == x0 + [10, 11, 12] + DELIMS[0] + y0
+    # The spec's layout: chat(x) ids + y ids + ids(delim(P_r)) + y ids, y with its EOS in both copies
+    assert _row(out.input_ids[0], out.attention_mask[0]) == x0 + y0 + DELIMS[0] + y0
     assert _row(out.input_ids[1], out.attention_mask[1]) == x1 + y1 + DELIMS[1] + y1
     # padding: prefixes left-padded to one width, the second copy occupies the last T = 4 columns
     prefix_width = out.input_ids.shape[1] - 4
@@ -51,11 +51,11 @@ def test_hand_built_example_is_the_exact_concatenation():
     assert out.completion_lengths.tolist() == [4, 2]
 
 
-def test_keep_eos_in_first_copy_reproduces_the_released_layout():
+def test_dropping_eos_from_the_first_copy_matches_phase_1_text():
     x, y = [1, 2], [10, EOS]
     out = build_teacher_inputs(*_batch([x], [y]), [1], DELIMS, None, pad_token_id=PAD, eos_token_ids=[EOS],
-                               keep_eos_in_first_copy=True)
-    assert _row(out.input_ids[0], out.attention_mask[0]) == x + y + DELIMS[1] + y
+                               keep_eos_in_first_copy=False)
+    assert _row(out.input_ids[0], out.attention_mask[0]) == x + [10] + DELIMS[1] + y
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,7 @@ def test_truncation_cuts_both_copies_and_zero_weight_samples_score_nothing():
     assert out.attention_mask[0].sum() <= 12
     assert out.loss_mask[1].sum() == 0 and out.sample_weight[1] == 0 and not out.second_copy_mask[1].any()
     assert _row(out.input_ids[1], out.attention_mask[1]) == x1  # prompt only: nothing of it is scored
-    assert _row(out.input_ids[2], out.attention_mask[2]) == x2 + [15] + DELIMS[1] + y2
+    assert _row(out.input_ids[2], out.attention_mask[2]) == x2 + y2 + DELIMS[1] + y2
     assert out.truncated.tolist() == [True, True, False]
     assert out.sample_weight.tolist() == [1.0, 0.0, 1.0]
 
@@ -120,7 +120,6 @@ def test_batched_teacher_logits_match_the_unpadded_sequence():
     with torch.no_grad():
         logits = model(input_ids=out.input_ids, attention_mask=out.attention_mask).logits[:, :-1][:, -width:]
         for i, (x, y, r) in enumerate(zip(chat, ys, [1, 0])):
-            first = y[:-1] if y[-1] == eos else y
-            single = torch.tensor([x + first + delims[r] + y])
+            single = torch.tensor([x + y + delims[r] + y])  # the spec's layout: y (with its EOS) twice
             expected = model(input_ids=single).logits[0, -len(y) - 1 : -1]
             torch.testing.assert_close(logits[i, : len(y)], expected, atol=1e-5, rtol=1e-4)

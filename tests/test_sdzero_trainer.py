@@ -90,6 +90,20 @@ def test_sync_needs_a_teacher_with_the_students_architecture(tmp_path, pair, dat
                       processing_class=tokenizer)
 
 
+def test_reward_weights_must_match_the_reward_functions(tmp_path, pair, dataset):
+    tokenizer, student, teacher = pair
+    with pytest.raises(ValueError, match="reward_weights"):
+        SDZeroTrainer(student, teacher, reward_funcs=[parity_reward], train_dataset=dataset, processing_class=tokenizer,
+                      args=_args(tmp_path, reward_weights=[1.0, 2.0]))
+
+
+def test_reward_models_are_rejected(tmp_path, pair, dataset):
+    tokenizer, student, teacher = pair
+    with pytest.raises(ValueError, match="not a reward function"):
+        SDZeroTrainer(student, teacher, reward_funcs=[teacher], train_dataset=dataset, processing_class=tokenizer,
+                      args=_args(tmp_path))
+
+
 @pytest.mark.parametrize("bad", [dict(kl_type="jsd"), dict(mixed_kl_weight=1.5), dict(teacher_mode="ema"),
                                  dict(teacher_sync_steps=-1), dict(distillation_topk=0),
                                  dict(correct_phrase="same", incorrect_phrase="same")])

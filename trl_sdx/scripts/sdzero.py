@@ -22,11 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, TrlParser
 
+from trl_sdx.scripts._prompts import (
+    SYNTHETIC_ARITHMETIC,
+    PromptScriptArguments,
+    load_prompt_datasets,
+    print_metric_summary,
+)
 from trl_sdx.sdzero.sdzero_config import SDZeroConfig
 
-SYNTHETIC_ARITHMETIC = "synthetic-arithmetic"
 # Single-digit additions (`trl_sdx.sdzero.demo_data`): what the CPU demo model can sometimes solve.
 SYNTHETIC_SINGLE_DIGIT = "synthetic-single-digit"
 SUMMARY_METRICS = ("sdzero/reward_mean", "sdzero/kl", "sdzero/kl_correct", "sdzero/kl_incorrect",
@@ -34,22 +39,18 @@ SUMMARY_METRICS = ("sdzero/reward_mean", "sdzero/kl", "sdzero/kl_correct", "sdze
 
 
 @dataclass
-class SDZeroScriptArguments(ScriptArguments):
-    """TRL's `ScriptArguments`, the built-in synthetic task, and the reward functions (both SD-Zero phases)."""
+class SDZeroScriptArguments(PromptScriptArguments):
+    """The shared prompt-dataset arguments, the single-digit demo task, and the reward functions (both phases)."""
 
     dataset_name: str | None = field(
         default=None,
         metadata={
             "help": f"Dataset: a hub name or local path loaded with `datasets.load_dataset` (columns `prompt` and, "
             f"for the default reward, `answer`), `{SYNTHETIC_ARITHMETIC}` for generated word problems, or "
-            f"`{SYNTHETIC_SINGLE_DIGIT}` for 'What is a + b?' with single digits (both offline)."
+            f"`{SYNTHETIC_SINGLE_DIGIT}` for 'What is a + b?' with single digits (both offline; "
+            "`synthetic_num_prompts` and `synthetic_seed` apply to both)."
         },
     )
-    synthetic_num_prompts: int = field(default=512, metadata={"help": "Number of prompts of a synthetic dataset."})
-    synthetic_difficulty: int = field(
-        default=1, metadata={"help": f"Difficulty of `{SYNTHETIC_ARITHMETIC}` (1 = two-digit additions)."}
-    )
-    synthetic_seed: int = field(default=0, metadata={"help": "Seed of a synthetic dataset."})
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
@@ -60,46 +61,21 @@ class SDZeroScriptArguments(ScriptArguments):
 
 
 def load_datasets(script_args: SDZeroScriptArguments, want_eval: bool):
-    """(train, eval or None): the synthetic sets built in-process, anything else through `load_dataset`."""
-    if script_args.dataset_name is None:
-        raise ValueError(f"`--dataset_name` is required: a dataset with `prompt` (+ `answer`) columns, "
-                         f"`{SYNTHETIC_ARITHMETIC}` or `{SYNTHETIC_SINGLE_DIGIT}`.")
-    if script_args.dataset_name in (SYNTHETIC_ARITHMETIC, SYNTHETIC_SINGLE_DIGIT):
-        from trl_sdx.data import make_arithmetic_dataset
-        from trl_sdx.sdzero.demo_data import make_single_digit_dataset
+    """(train, eval or None): the single-digit demo task here, everything else through `load_prompt_datasets`."""
+    if script_args.dataset_name != SYNTHETIC_SINGLE_DIGIT:
+        return load_prompt_datasets(script_args, want_eval)
+    from trl_sdx.sdzero.demo_data import make_single_digit_dataset
 
-        if script_args.dataset_name == SYNTHETIC_ARITHMETIC:
-            dataset = make_arithmetic_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed,
-                                              difficulty=script_args.synthetic_difficulty)
-        else:
-            dataset = make_single_digit_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed)
-        if not want_eval:
-            return dataset, None
-        split = dataset.train_test_split(test_size=0.1, seed=script_args.synthetic_seed)
-        return split["train"], split["test"]
-    from datasets import load_dataset
-
-    dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config,
-                           streaming=script_args.dataset_streaming)
-    eval_dataset = dataset[script_args.dataset_test_split] if want_eval else None
-    return dataset[script_args.dataset_train_split], eval_dataset
+    dataset = make_single_digit_dataset(script_args.synthetic_num_prompts, seed=script_args.synthetic_seed)
+    if not want_eval:
+        return dataset, None
+    split = dataset.train_test_split(test_size=0.1, seed=script_args.synthetic_seed)
+    return split["train"], split["test"]
 
 
 def model_init_kwargs(model_args: ModelConfig, trust_remote_code: bool, revision: str | None) -> dict:
     return dict(revision=revision, trust_remote_code=trust_remote_code,
                 attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
-
-
-def print_summary(trainer) -> None:
-    """SD-Zero metrics of the first and the last logged step."""
-    logged = [entry for entry in trainer.state.log_history if "sdzero/reward_mean" in entry]
-    if not logged or not trainer.accelerator.is_main_process:
-        return
-    print("SD-Zero metrics (first -> last logged step):")
-    for name in SUMMARY_METRICS:
-        first, last = logged[0].get(name), logged[-1].get(name)
-        if first is not None and last is not None:
-            print(f"  {name:<26} {first:8.4f} -> {last:8.4f}")
 
 
 def main(script_args: SDZeroScriptArguments, training_args: SDZeroConfig, model_args: ModelConfig):
@@ -135,7 +111,7 @@ def main(script_args: SDZeroScriptArguments, training_args: SDZeroConfig, model_
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    print_summary(trainer)
+    print_metric_summary(trainer, "SD-Zero metrics", SUMMARY_METRICS, marker="sdzero/reward_mean")
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:

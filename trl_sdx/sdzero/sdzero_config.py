@@ -90,11 +90,11 @@ class SDZeroConfig(DistillationConfig):
         },
     )
     keep_eos_in_first_copy: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Keep y's end-of-turn token in the FIRST copy of y in the teacher input. Default False: Phase 1 "
-            "trains the reviser on 'y_init + delim' without it. The released code concatenates the generated ids, "
-            "which end with it: set True to reproduce that exactly."
+            "help": "Keep y's end-of-turn token in the FIRST copy of y in the teacher input (default True: the spec's "
+            "token-level layout chat(x) + y + delim + y, as the released code concatenates the generated ids). False "
+            "drops it, matching Phase 1's 'y_init + delim' text on which the reviser was trained."
         },
     )
 

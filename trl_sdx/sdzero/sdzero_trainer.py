@@ -159,6 +159,11 @@ class SDZeroTrainer(DistillationTrainer):
         teacher_model = resolve_model_name_or_path(teacher_model)
 
         self.reward_funcs, self.reward_func_names, default_reward = resolve_reward_funcs(reward_funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(args.reward_weights)} entries for {len(self.reward_funcs)} reward "
+                "functions."
+            )
         required = ["prompt", "answer"] if default_reward else ["prompt"]
         hint = ("Map your data to a `prompt` column (conversational messages or text) and a reference `answer` "
                 "column for the default reward `boxed_answer_reward`, or pass your own `reward_funcs`.")
@@ -218,11 +223,6 @@ class SDZeroTrainer(DistillationTrainer):
             1: self._tokenizer(control_text(args.correct_phrase), add_special_tokens=False)["input_ids"],
             0: self._tokenizer(control_text(args.incorrect_phrase), add_special_tokens=False)["input_ids"],
         }
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"`reward_weights` has {len(args.reward_weights)} entries for {len(self.reward_funcs)} reward "
-                "functions."
-            )
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float32)
 
         self.teacher_max_length = args.teacher_max_length

@@ -69,7 +69,7 @@ def build_teacher_inputs(
     *,
     pad_token_id: int,
     eos_token_ids: Sequence[int] = (),
-    keep_eos_in_first_copy: bool = False,
+    keep_eos_in_first_copy: bool = True,
 ) -> TeacherInputs:
     """Build SD-Zero's teacher batch from the student's rollout batch.
 
