@@ -54,7 +54,8 @@ def test_empty_dataset(method, tmp_path, monkeypatch):
 
     # Empty each factory's training data at its source.
     monkeypatch.setattr(tiny_trainers, "_prompts", lambda n: _prompts(0))
-    monkeypatch.setattr("trl_sdx.data.make_arithmetic_dataset", lambda n: Dataset.from_dict({"prompt": [], "answer": []}))
+    no_rows = Dataset.from_dict({"prompt": [], "answer": []})
+    monkeypatch.setattr("trl_sdx.data.make_arithmetic_dataset", lambda n: no_rows)
     monkeypatch.setattr(tiny_trainers, "MIXSD_ROWS", {"question": [], "answer": []})
     with pytest.raises(ValueError, match="is empty"):
         FACTORIES[method](tmp_path, max_steps=1)

@@ -45,7 +45,9 @@ def gathered_lm_heads(*models):
     read); under FSDP2 its DTensors are materialised. Elsewhere the parameters themselves are returned.
     """
     heads = [model.get_output_embeddings() for model in models]
-    with maybe_gather_lm_head_ctx(*[t for head in heads for t in (head.weight, head.bias)]):
+    # The same head may come twice (SD-Zero's adapter-disabled teacher is the student): gather each tensor once.
+    params = {id(t): t for head in heads for t in (head.weight, head.bias) if t is not None}
+    with maybe_gather_lm_head_ctx(*params.values()):
         yield [(_full_tensor(head.weight), _full_tensor(head.bias)) for head in heads]
 
 

@@ -93,7 +93,9 @@ def check_top_k(name: str, top_k: int | None, vocab_size: int | None = None) -> 
     if int(top_k) != top_k or top_k <= 0:
         raise ValueError(f"`{name}` must be a positive integer or None (full vocabulary), got {top_k}.")
     if vocab_size is not None and top_k > vocab_size:
-        raise ValueError(f"`{name}`={top_k} is larger than the vocabulary ({vocab_size}); use at most {vocab_size} or None.")
+        raise ValueError(
+            f"`{name}`={top_k} is larger than the vocabulary ({vocab_size}); use at most {vocab_size} or None."
+        )
 
 
 def context_length(model) -> int | None:

@@ -21,7 +21,9 @@ class PromptScriptArguments(ScriptArguments):
             "arithmetic word problems with answers (offline)."
         },
     )
-    synthetic_num_prompts: int = field(default=256, metadata={"help": f"Number of prompts of `{SYNTHETIC_ARITHMETIC}`."})
+    synthetic_num_prompts: int = field(
+        default=256, metadata={"help": f"Number of prompts of `{SYNTHETIC_ARITHMETIC}`."}
+    )
     synthetic_difficulty: int = field(
         default=1, metadata={"help": f"Difficulty of `{SYNTHETIC_ARITHMETIC}` (1 = two-digit additions)."}
     )

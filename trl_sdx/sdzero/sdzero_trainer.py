@@ -24,6 +24,7 @@ from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
+from trl_sdx.lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from trl_sdx.losses import fused_topk_distillation_loss, topk_distillation_loss
 from trl_sdx.models import resolve_model_name_or_path
 from trl_sdx.sdzero.rewards import binary_reward, resolve_reward_funcs, score_completions
@@ -39,17 +40,6 @@ from trl_sdx.sdzero.teacher_sync import (
 from trl_sdx.validation import check_columns, check_same_vocab, check_tokenizer
 
 logger = get_logger(__name__)
-
-# Config attributes under which models rescale or cap their logits after the lm_head; the fused loss projects the
-# hidden states with the bare lm_head weight, so such models fall back to the plain (full-logits) path.
-_LOGIT_POSTPROCESSING = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-                         "final_logit_softcapping")
-
-
-def _postprocesses_logits(model) -> bool:
-    config = model.config.get_text_config()
-    return any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING)
-
 
 def _forward_keys(model) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -232,7 +222,7 @@ class SDZeroTrainer(DistillationTrainer):
 
         self.use_fused_loss = args.use_fused_loss
         if self.use_fused_loss and (
-            _postprocesses_logits(self.accelerator.unwrap_model(self.model)) or _postprocesses_logits(teacher_unwrapped)
+            logit_postprocessing(self.accelerator.unwrap_model(self.model)) or logit_postprocessing(teacher_unwrapped)
         ):
             logger.warning("The model rescales or caps its logits after the lm_head; using the plain (full-logits) "
                            "loss instead of the fused one.")
@@ -371,21 +361,21 @@ class SDZeroTrainer(DistillationTrainer):
             student_hidden = self._get_last_hidden_state(student, input_ids, attention_mask, width)
             with torch.no_grad():
                 teacher_hidden = self._teacher_hidden(student, inputs, width)
-            student_head = student.get_output_embeddings()
-            teacher_head = self._teacher_unwrapped(student).get_output_embeddings()
-            device = student_head.weight.device
-            loss, stats = fused_topk_distillation_loss(
-                student_hidden.to(device), student_head.weight, teacher_hidden.to(device),
-                teacher_head.weight.to(device), loss_mask.to(device),
-                student_bias=student_head.bias, teacher_bias=teacher_head.bias, chunk_size=self.args.loss_chunk_size,
-                **options,
-            )
+            # The heads are read without their forward: gathered under ZeRO-3 / materialised under FSDP2.
+            teacher_unwrapped = self._teacher_unwrapped(student)
+            with gathered_lm_heads(student, teacher_unwrapped) as [(s_weight, s_bias), (t_weight, t_bias)]:
+                device = s_weight.device
+                loss, stats = fused_topk_distillation_loss(
+                    student_hidden.to(device), s_weight, teacher_hidden.to(device), t_weight.to(device),
+                    loss_mask.to(device), student_bias=s_bias, teacher_bias=t_bias,
+                    chunk_size=self.args.loss_chunk_size, **options,
+                )
         else:
-            student_logits = self._completion_logits(student, input_ids, attention_mask, width, self.model_kwarg_keys)
+            student_logits = completion_logits(student, input_ids, attention_mask, width, self.model_kwarg_keys)
             # the student (adapters off) or the teacher's prepared wrapper, whose forward gathers DeepSpeed shards
             teacher = student if self.teacher_mode == "disable_adapter" else self.teacher_model
             with torch.no_grad(), self._teacher_context():
-                teacher_logits = self._completion_logits(
+                teacher_logits = completion_logits(
                     teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], width,
                     self._teacher_forward_keys,
                 )
@@ -408,15 +398,6 @@ class SDZeroTrainer(DistillationTrainer):
         # Through the teacher's own wrapper so DeepSpeed materialises its shards (as DistillationTrainer does).
         return self._forward_redirection(self.teacher_model, teacher, self._get_last_hidden_state, teacher, ids, mask,
                                          width)
-
-    @staticmethod
-    def _completion_logits(model, input_ids, attention_mask, width, forward_keys):
-        """Logits at the `width` positions that predict the last `width` tokens of `input_ids`."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if "logits_to_keep" in forward_keys:
-            kwargs["logits_to_keep"] = width + 1
-        logits = model(**kwargs).logits
-        return logits[:, :-1, :][:, -width:, :]
 
     def _log_kl_by_reward(self, per_token_loss, inputs) -> None:
         """Teacher-student KL (the per-token loss) on r = 1 and r = 0 samples separately, token-averaged."""
