@@ -64,3 +64,14 @@ def print_metric_summary(trainer, title: str, names, marker: str) -> None:
         first, last = logged[0].get(name), logged[-1].get(name)
         if first is not None and last is not None:
             print(f"  {name:<26} {first:8.4f} -> {last:8.4f}")
+
+
+def train_summarise_save(trainer, training_args, dataset_name: str | None, title: str, names,
+                         marker: str) -> None:
+    """The tail every on-policy script shares: train (resuming if asked), print the method's metrics, save, push."""
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    print_metric_summary(trainer, title, names, marker=marker)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from trl import ModelConfig, TrlParser
 
 from trl_sdx.entropy_gkd import EntropyAwareGKDConfig
-from trl_sdx.scripts._prompts import PromptScriptArguments, load_prompt_datasets, print_metric_summary
+from trl_sdx.scripts._prompts import PromptScriptArguments, load_prompt_datasets, train_summarise_save
 
 SUMMARY_METRICS = ("eopd/teacher_entropy", "eopd/gate_fraction", "eopd/fkl_gated", "eopd/rkl_estimate",
                    "eopd/clip_fraction", "entropy")
@@ -61,12 +61,8 @@ def main(script_args: PromptScriptArguments, training_args: EntropyAwareGKDConfi
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    print_metric_summary(trainer, "EOPD metrics", SUMMARY_METRICS, marker="eopd/gate_fraction")
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    train_summarise_save(trainer, training_args, script_args.dataset_name, "EOPD metrics", SUMMARY_METRICS,
+                         marker="eopd/gate_fraction")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:

@@ -28,7 +28,7 @@ from trl_sdx.scripts._prompts import (
     SYNTHETIC_ARITHMETIC,
     PromptScriptArguments,
     load_prompt_datasets,
-    print_metric_summary,
+    train_summarise_save,
 )
 from trl_sdx.sdzero.sdzero_config import SDZeroConfig
 
@@ -110,12 +110,8 @@ def main(script_args: SDZeroScriptArguments, training_args: SDZeroConfig, model_
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    print_metric_summary(trainer, "SD-Zero metrics", SUMMARY_METRICS, marker="sdzero/reward_mean")
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    train_summarise_save(trainer, training_args, script_args.dataset_name, "SD-Zero metrics", SUMMARY_METRICS,
+                         marker="sdzero/reward_mean")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
