@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from _report import write_report  # benchmarks/ is on sys.path when a script runs
 
 METHODS = ("plain_eopd", "fused_eopd", "fused_eopd_compiled", "trl_gkd_beta1", "liger_jsd_beta1")
 DEFAULTS = {
@@ -268,13 +269,7 @@ def main(argv=None):
         "eopd_options": EOPD_OPTIONS,
         "results": results,
     }
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(report))
+    write_report(report, args.out, args.markdown, to_markdown)
 
 
 if __name__ == "__main__":

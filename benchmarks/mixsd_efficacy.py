@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import torch
+from _report import write_report  # benchmarks/ is on sys.path when a script runs
 
 
 def _train_config(args, output_dir: str, **extra):
@@ -137,12 +138,7 @@ def main(argv=None) -> dict:
                     "total_s": round(time.perf_counter() - started, 1)},
     }
     print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(_markdown(result))
+    write_report(result, args.out, args.markdown, _markdown)
     return result
 
 

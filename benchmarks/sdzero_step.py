@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _report import write_report  # benchmarks/ is on sys.path when a script runs
 
 CONFIGS = ("sdpo_full", "sdzero_full", "sdzero_full_plain", "sdzero_lora_copy", "sdzero_lora_disable")
 TIME_GROUP = ("sdpo_full", "sdzero_full", "sdzero_full_plain")
@@ -270,12 +271,7 @@ def main(argv=None) -> dict:
         "wall_time_s": time.time() - started,
     }
     print(json.dumps({"summary": summary, "ratios": ratios, "targets_met": targets}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(result))
+    write_report(result, args.out, args.markdown, to_markdown)
     return result
 
 
