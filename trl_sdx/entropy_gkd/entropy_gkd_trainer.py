@@ -35,6 +35,7 @@ from ..losses import entropy_aware_opd_loss
 from ..losses.fused import fused_entropy_aware_opd_loss
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
 from .entropy_gkd_config import EntropyAwareGKDConfig
+from .vllm_sizing import rollout_sized_vllm
 
 logger = get_logger(__name__)
 
@@ -152,19 +153,20 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         if teacher_processing_class is None and isinstance(teacher_model, str):
             teacher_processing_class = self._try_load_tokenizer(teacher_model, args)
 
-        super().__init__(
-            model=model,
-            teacher_model=teacher_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
+        with rollout_sized_vllm(args):  # vLLM decodes a whole rollout at once, as in GRPOTrainer
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+            )
 
         unwrapped_student = self.accelerator.unwrap_model(self.model)
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
