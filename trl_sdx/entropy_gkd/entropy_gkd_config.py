@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from ..precision import resolve_device_defaults
 from ..validation import check_range, check_top_k
 
 
@@ -92,6 +93,27 @@ class EntropyAwareGKDConfig(DistillationConfig):
         metadata={"help": "μ: passes over each rollout (PPO epochs, GRPO's `num_iterations`; paper 1)."},
     )
 
+    # Prompts and the teacher's view of a completion
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prompt accepted, in tokens (paper 1024). A rollout holding a longer prompt raises an "
+            "error naming the fix (filter the dataset); nothing is truncated. `None`: no limit but the model's "
+            "context."
+        },
+    )
+    end_of_turn_mapping: str = field(
+        default="auto",
+        metadata={
+            "help": "Base-model student, instruct teacher: before the teacher scores a completion, replace the "
+            "student's end-of-turn token (its tokenizer's EOS, e.g. `<|endoftext|>`) with the teacher's (e.g. "
+            "`<|im_end|>`), as the official code does; the student's own ids are unchanged. 'auto': on when both "
+            "tokenizers are known and their EOS tokens differ (logged); 'on': required (error if it cannot apply); "
+            "'off': never.",
+            "choices": ["auto", "on", "off"],
+        },
+    )
+
     # Loss implementation
     use_fused_loss: bool = field(
         default=True,
@@ -109,6 +131,7 @@ class EntropyAwareGKDConfig(DistillationConfig):
     )
 
     def __post_init__(self):
+        resolve_device_defaults(self)  # bf16 only where supported; current checkpointing name
         super().__post_init__()
         check_range("tau", self.tau, low=0.0, allow_inf=True)
         check_range("alpha", self.alpha, low=0.0)
@@ -126,6 +149,11 @@ class EntropyAwareGKDConfig(DistillationConfig):
             raise ValueError(f"`num_iterations` must be a positive integer, got {self.num_iterations}.")
         if int(self.loss_chunk_size) != self.loss_chunk_size or self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be a positive integer, got {self.loss_chunk_size}.")
+        if self.max_prompt_length is not None and (int(self.max_prompt_length) != self.max_prompt_length
+                                                   or self.max_prompt_length < 1):
+            raise ValueError(f"`max_prompt_length` must be a positive integer or None, got {self.max_prompt_length}.")
+        if self.end_of_turn_mapping not in ("auto", "on", "off"):
+            raise ValueError(f"`end_of_turn_mapping` must be 'auto', 'on' or 'off', got {self.end_of_turn_mapping!r}.")
         self._resolve_rollout_size()
 
     def _resolve_rollout_size(self) -> None:

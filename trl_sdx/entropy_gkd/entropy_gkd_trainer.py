@@ -35,6 +35,7 @@ from ..losses import entropy_aware_opd_loss
 from ..losses.fused import fused_entropy_aware_opd_loss
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
 from .entropy_gkd_config import EntropyAwareGKDConfig
+from .prompt_length import check_prompt_length
 from .vllm_sizing import rollout_sized_vllm
 
 logger = get_logger(__name__)
@@ -267,8 +268,9 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        check_fits_context(output["prompt_mask"].sum(1).max().item(), self.args.max_completion_length,
-                           self.accelerator.unwrap_model(self.model))
+        longest_prompt = output["prompt_mask"].sum(1).max().item()
+        check_prompt_length(longest_prompt, self.args.max_prompt_length)
+        check_fits_context(longest_prompt, self.args.max_completion_length, self.accelerator.unwrap_model(self.model))
         if self.model.training and self._needs_old_logprobs:
             output["old_logprobs"] = self._rollout_logprobs(output)
         return output

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from ..precision import resolve_device_defaults
 from ..validation import check_range, check_top_k
 from .prompts import resolve_template
+
+ANSWER_MATCHES = ("boxed", "boxed_or_last_number", "lenient")
 
 
 @dataclass
@@ -49,25 +53,37 @@ class MixSDConfig(SFTConfig):
         metadata={"help": "k: number of highest logits kept when sampling at T > 0 (paper 64). At most the vocab."},
     )
     max_new_tokens: int = field(
-        default=256,
-        metadata={"help": "Maximum length of a mixed target in tokens (generation stops earlier at end-of-turn)."},
+        default=8192,
+        metadata={
+            "help": "Maximum length of a mixed target in tokens (official 8192). Generation stops earlier at EOS or "
+            "end-of-turn; a target cut off here fails rejection sampling."
+        },
     )
     max_retries: int = field(
-        default=10,
+        default=100,
         metadata={
-            "help": "Rejection sampling: a target whose final answer (last \\boxed{}, else last number) differs from "
-            "the gold answer is regenerated with new coin flips up to this many extra times (official code 10-100). "
-            "0 disables retries."
+            "help": "Rejection sampling: a target that is cut off or whose answer differs from the gold one is "
+            "regenerated with new coin flips up to this many extra times (official 100). 0 disables retries; they "
+            "are skipped anyway when they cannot differ (T = 0 with λ = 0 or 1)."
         },
     )
     answer_match: str = field(
-        default="final_answer",
+        default="boxed",
         metadata={
-            "help": "How rejection sampling grades a target against the gold answer y*: 'final_answer' (paper: the "
-            "last \\boxed{} content, else the last number, equals y*'s under math-verify) or 'lenient' (also "
-            "accepts y*'s final answer appearing as a whole word, e.g. an unboxed 'made of bronze'; helps small "
+            "help": "How rejection sampling grades a target against the gold answer turn y*: 'boxed' (official "
+            "fact-QA rule: the last \\boxed{} content, stripped, equals y*'s exactly; no box fails), "
+            "'boxed_or_last_number' (official digit-operations rule: last \\boxed{}, else last number, compared "
+            "as numbers) or 'lenient' (ours: math-verify final answer, or y*'s answer as a whole word; for small "
             "models on free-form facts). A trainer `answer_checker` callable overrides it.",
-            "choices": ["final_answer", "lenient"],
+            "choices": ["boxed", "boxed_or_last_number", "lenient"],
+        },
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default_factory=lambda: {"enable_thinking": False},
+        metadata={
+            "help": "Keyword arguments of `apply_chat_template`, used alike for target generation, SFT rendering "
+            "and evaluation (official: enable_thinking=False, so a hybrid-thinking model such as Qwen3 answers "
+            "without a think block). A JSON string on the command line. Templates ignore keywords they do not use."
         },
     )
     keep_failed: bool = field(
@@ -94,6 +110,14 @@ class MixSDConfig(SFTConfig):
             "help": "Folder of the target cache, keyed by a hash of base model weights, data and mixing parameters: "
             "a rerun with the same inputs reuses the targets instead of regenerating them. Defaults to "
             "`<output_dir>/mixsd_cache`."
+        },
+    )
+    mixsd_targets_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A cache entry folder built beforehand (e.g. by `trl-sdx mixsd --generate_only`): train on its "
+            "targets without decoding. For DeepSpeed ZeRO-3 / FSDP CPU-RAM-efficient loading, whose sharded weights "
+            "cannot decode; the entry must match this run's data and mixing parameters."
         },
     )
 
@@ -130,6 +154,7 @@ class MixSDConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        resolve_device_defaults(self)  # bf16 only where supported; current checkpointing name
         super().__post_init__()
         check_range("lambda_mix", self.lambda_mix, low=0.0, high=1.0)
         check_range("temperature", self.temperature, low=0.0)
@@ -141,5 +166,11 @@ class MixSDConfig(SFTConfig):
         if self.generation_batch_size < 1:
             raise ValueError(f"`generation_batch_size` must be >= 1, got {self.generation_batch_size}.")
         resolve_template(self.prompt_template, self.expert_prefix, self.expert_transition)
-        if self.answer_match not in ("final_answer", "lenient"):
-            raise ValueError(f"`answer_match` must be 'final_answer' or 'lenient', got {self.answer_match!r}.")
+        if self.answer_match not in ANSWER_MATCHES:
+            raise ValueError(f"`answer_match` must be one of {list(ANSWER_MATCHES)}, got {self.answer_match!r}.")
+        if isinstance(self.chat_template_kwargs, str):  # from the command line
+            self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(
+                f"`chat_template_kwargs` must be a dict (or its JSON string), got {self.chat_template_kwargs!r}."
+            )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from trl_sdx.precision import resolve_device_defaults
 from trl_sdx.validation import check_range, check_top_k
 
 CORRECT_PHRASE = "Let me rephrase the above solution."
@@ -125,8 +126,19 @@ class SDZeroConfig(DistillationConfig):
         default=1024,
         metadata={"help": "Tokens per chunk of the fused loss."},
     )
+    loss_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Chunked kernel of the fused top-k KL: 'native' (trl_sdx.losses.fused_topk_distillation_loss), "
+            "'liger' (the same loss on Liger's LigerFusedLinearDistillationBase, eager) or 'auto' (the one measured "
+            "faster on this device type in benchmarks/loss_kernels.py: native on CPU; native on CUDA until measured). "
+            "Same value and gradients. Only used with use_fused_loss=True.",
+            "choices": ["auto", "liger", "native"],
+        },
+    )
 
     def __post_init__(self):
+        resolve_device_defaults(self)  # bf16 only where supported; current checkpointing name
         super().__post_init__()
         if self.teacher_mode not in TEACHER_MODES:
             raise ValueError(f"`teacher_mode` must be one of {TEACHER_MODES}, got {self.teacher_mode!r}.")
@@ -142,6 +154,10 @@ class SDZeroConfig(DistillationConfig):
             raise ValueError(f"`teacher_max_length` must be positive or None, got {self.teacher_max_length}.")
         if self.loss_chunk_size <= 0:
             raise ValueError(f"`loss_chunk_size` must be positive, got {self.loss_chunk_size}.")
+        if self.loss_implementation not in ("auto", "liger", "native"):
+            raise ValueError(
+                f"`loss_implementation` must be 'auto', 'liger' or 'native', got {self.loss_implementation!r}."
+            )
         for name in ("correct_phrase", "incorrect_phrase"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 raise ValueError(f"`{name}` must be a non-empty string.")

@@ -32,6 +32,7 @@ from trl_sdx.models import resolve_model_name_or_path
 from trl_sdx.sdzero.rewards import binary_reward, resolve_reward_funcs, score_completions
 from trl_sdx.sdzero.sdzero_config import CORRECT_PHRASE, INCORRECT_PHRASE
 from trl_sdx.sdzero.teacher_inputs import SEPARATOR, control_text
+from trl_sdx.precision import resolve_device_defaults
 from trl_sdx.validation import check_columns, check_tokenizer
 
 SRT_STAGES = ("generation", "revision")
@@ -93,6 +94,7 @@ class SRTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        resolve_device_defaults(self)  # bf16 only where supported; current checkpointing name
         super().__post_init__()
         unknown = [s for s in self.srt_stages if s not in SRT_STAGES]
         if unknown or not self.srt_stages or len(set(self.srt_stages)) != len(self.srt_stages):
