@@ -72,6 +72,7 @@ def build_mixsd(output_dir, *, max_steps: int, save_steps: int | None = None, **
     args = MixSDConfig(
         output_dir=str(output_dir), mixsd_cache_dir=str(Path(output_dir) / "mixsd_cache"), max_steps=max_steps,
         max_new_tokens=6, max_retries=0, lambda_mix=0.5, dataset_num_proc=None,
+        keep_failed=True,  # 6 tokens cut every target off (a rejection), so keep them all
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, **{**COMMON, **overrides},
     )
     return MixSDTrainer(make_tiny_model(tokenizer, seed=0), args=args, train_dataset=Dataset.from_dict(MIXSD_ROWS),
