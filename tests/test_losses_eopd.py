@@ -6,17 +6,23 @@ import math
 import pytest
 import torch
 
-from trl_sdx.losses import entropy_aware_opd_loss
+from trl_sdx.losses import entropy_aware_opd_loss, eopd_loss_from_targets, teacher_targets_from_logits
 
 B, T, V = 3, 6, 13
 
 
 def reference_eopd(student_logits, teacher_logits, ids, mask, old=None, *, tau=0.8, alpha=1.0, top_k=16,
                    clip_eps=0.2, temperature=1.0, rkl_estimator="sampled"):
-    """Python loop over tokens, explicit formulas, argsort instead of topk. Returns (loss, stats dict)."""
+    """Python loop over tokens, explicit formulas, argsort instead of topk. Returns (loss, stats dict).
+
+    Statistics as the official verl code defines them (`compute_policy_loss_on_policy_distill`): clip_fraction =
+    ratios outside [1-eps, 1+eps] (`pg_clipfrac`), clip_fraction_lower = below 1-eps, ppo_kl = mean log ratio;
+    clip_active_fraction = tokens whose clipped branch binds (ours)."""
     total = student_logits.sum() * 0.0
-    n = gated = clipped = 0
-    sums = dict(teacher_entropy=0.0, fkl_gated=0.0, rkl_estimate=0.0, student_entropy=0.0)
+    n = gated = 0
+    counts = dict(outside=0, below=0, active=0)
+    sums = dict(teacher_entropy=0.0, fkl_gated=0.0, teacher_entropy_gated=0.0, rkl_estimate=0.0, ppo_kl=0.0,
+                student_entropy=0.0)
     for b in range(mask.shape[0]):
         for t in range(mask.shape[1]):
             if mask[b, t] == 0:
@@ -35,7 +41,9 @@ def reference_eopd(student_logits, teacher_logits, ids, mask, old=None, *, tau=0
                 r_clip = torch.clamp(r, 1 - clip_eps, 1 + clip_eps)
                 a, c = -r * adv, -r_clip * adv
                 opd = a if a >= c else c
-                clipped += int(c > a)
+                counts["active"] += int(c > a)
+                counts["below"] += int(r < 1 - clip_eps)
+                counts["outside"] += int(r < 1 - clip_eps or r > 1 + clip_eps)
             else:
                 opd = (torch.exp(log_ps) * (log_ps - log_pt)).sum()
             term = opd
@@ -47,15 +55,20 @@ def reference_eopd(student_logits, teacher_logits, ids, mask, old=None, *, tau=0
                 term = term + alpha * fkl
                 gated += 1
                 sums["fkl_gated"] += float(fkl.detach())
+                sums["teacher_entropy_gated"] += float(h_teacher)
             total = total + term
             sums["teacher_entropy"] += float(h_teacher)
             sums["rkl_estimate"] += float((log_old - log_pt[y]).detach())
+            sums["ppo_kl"] += float((log_ps[y] - log_old).detach())
             sums["student_entropy"] += float(-(torch.exp(log_ps) * log_ps).sum().detach())
     d = max(n, 1)
     stats = {k: v / d for k, v in sums.items()}
     stats["fkl_gated"] = sums["fkl_gated"] / max(gated, 1)
+    stats["teacher_entropy_gated"] = sums["teacher_entropy_gated"] / max(gated, 1)
     stats["gate_fraction"] = gated / d
-    stats["clip_fraction"] = clipped / d
+    stats["clip_fraction"] = counts["outside"] / d
+    stats["clip_fraction_lower"] = counts["below"] / d
+    stats["clip_active_fraction"] = counts["active"] / d
     return total / d, stats
 
 
@@ -96,8 +109,8 @@ def assert_matches_reference(options, *, with_old=True, seed=0, teacher_scale=1.
 def test_matches_reference(options):
     options = {"top_k": 5, **options}
     _, stats, _ = assert_matches_reference(options)
-    if options.get("rkl_estimator") == "full":
-        assert stats["clip_fraction"].item() == 0.0
+    if options.get("rkl_estimator") == "full":  # no ratio in the loss, nothing clipped
+        assert stats["clip_fraction"].item() == 0.0 and stats["clip_active_fraction"].item() == 0.0
 
 
 def test_partial_gate_is_really_partial():
@@ -108,7 +121,7 @@ def test_partial_gate_is_really_partial():
 
 def test_without_old_logprobs_ratio_is_one():
     _, stats, _ = assert_matches_reference(dict(tau=2.3, top_k=4), with_old=False)
-    assert stats["clip_fraction"].item() == 0.0
+    assert stats["clip_fraction"].item() == 0.0 and stats["ppo_kl"].item() == 0.0
 
 
 def test_tau_inf_is_plain_opd():
@@ -148,8 +161,14 @@ def test_ppo_clipping_zeroes_gradient_of_clipped_tokens():
     ratio = torch.exp(shift)
     adv = logp_t - old
     expect_clipped = (((ratio > 1.2) & (adv > 0)) | ((ratio < 0.8) & (adv < 0))) & mask.bool()
-    assert stats["clip_fraction"].item() == pytest.approx(expect_clipped.sum().item() / mask.sum().item())
-    assert ref_stats["clip_fraction"] == pytest.approx(stats["clip_fraction"].item())
+    n_valid = mask.sum().item()
+    assert stats["clip_active_fraction"].item() == pytest.approx(expect_clipped.sum().item() / n_valid)
+    assert ref_stats["clip_active_fraction"] == pytest.approx(stats["clip_active_fraction"].item())
+    # the official pg_clipfrac counts every ratio outside [0.8, 1.2], whatever the advantage's sign
+    outside = ((ratio > 1.2) | (ratio < 0.8)) & mask.bool()
+    assert stats["clip_fraction"].item() == pytest.approx(outside.sum().item() / n_valid)
+    assert stats["clip_fraction_lower"].item() == pytest.approx(((ratio < 0.8) & mask.bool()).sum().item() / n_valid)
+    assert stats["clip_fraction"].item() > stats["clip_active_fraction"].item()
     assert expect_clipped.any() and (mask.bool() & ~expect_clipped).any()
     row_norm = grad.abs().sum(-1)
     assert torch.all(row_norm[expect_clipped] == 0)
@@ -182,6 +201,7 @@ def test_all_masked_batch_gives_zero_with_grad():
     assert loss.item() == 0.0 and loss.grad_fn is not None
     loss.backward()
     assert torch.all(student.grad == 0)
+    assert stats.pop("inputs_finite").item() is True
     assert all(v.item() == 0.0 for v in stats.values())
 
 
@@ -246,3 +266,72 @@ def test_non_finite_logit_on_a_valid_token_raises(which, value):
     for options in (dict(top_k=4), dict(top_k=None, tau=float("inf"))):
         with pytest.raises(ValueError, match=f"{which}_logits.*NaN or infinite"):
             entropy_aware_opd_loss(student, teacher, ids, mask, old, **options)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The teacher scored once (TeacherTargets) -> student-only loss: same value, gradient and stats as the reference
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    dict(tau=2.3, top_k=4),
+    dict(tau=2.3, top_k=4, temperature=0.7, alpha=0.5, clip_eps=0.1),
+    dict(tau=math.inf, top_k=None),  # gate off: no top-k support is scored at all
+], ids=["partial_gate", "temperature", "gate_off"])
+def test_loss_from_targets_matches_reference(options):
+    student, teacher, ids, mask, old = make_inputs(9)
+    targets = teacher_targets_from_logits(teacher, ids, mask, top_k=options["top_k"],
+                                          temperature=options.get("temperature", 1.0))
+    loss, stats = eopd_loss_from_targets(student, targets, ids, mask, old, return_stats=True, **options)
+    ref_loss, ref_stats = reference_eopd(student, teacher, ids, mask, old, **options)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, student)[0], torch.autograd.grad(ref_loss, student)[0],
+                               rtol=1e-9, atol=1e-12)
+    for name, value in ref_stats.items():
+        assert stats[name].item() == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_targets_are_the_spec_quantities_and_zero_on_padding():
+    _, teacher, ids, mask, _ = make_inputs(10)
+    targets = teacher_targets_from_logits(teacher, ids, mask, top_k=4, temperature=0.5)
+    logp = (teacher / 0.5).log_softmax(-1)
+    valid = mask.bool()
+    torch.testing.assert_close(targets.entropy[valid], -(logp.exp() * logp).sum(-1)[valid])
+    torch.testing.assert_close(targets.logprob[valid], logp.gather(-1, ids[..., None]).squeeze(-1)[valid])
+    top = torch.argsort(teacher, -1, descending=True)[..., :4]
+    assert torch.equal(targets.topk_ids[valid], top[valid])
+    top_logits = (teacher / 0.5).gather(-1, top)
+    torch.testing.assert_close(targets.topk_logprobs[valid], (top_logits - top_logits.logsumexp(-1, True))[valid])
+    assert torch.all(targets.topk_logprobs[valid].exp().sum(-1).sub(1).abs() < 1e-12)  # renormalised on S_t
+    for field in targets:
+        assert torch.all(field[~valid] == 0)
+
+
+def test_targets_errors_name_the_fix():
+    student, teacher, ids, mask, old = make_inputs(11)
+    targets = teacher_targets_from_logits(teacher, ids, mask, top_k=4)
+    with pytest.raises(ValueError, match="top-4.*top_k=5"):
+        eopd_loss_from_targets(student, targets, ids, mask, old, top_k=5)
+    with pytest.raises(ValueError, match="full distribution"):
+        eopd_loss_from_targets(student, targets, ids, mask, old, top_k=None)
+    with pytest.raises(ValueError, match="TeacherTargets"):
+        eopd_loss_from_targets(student, teacher, ids, mask, old, top_k=4)
+
+
+def test_deferred_check_returns_a_device_flag_instead_of_raising():
+    """check_finite=False (the trainer's mode): no host sync and no raise; `inputs_finite` carries the verdict."""
+    student, teacher, ids, mask, old = make_inputs(12)
+    _, stats = entropy_aware_opd_loss(student, teacher, ids, mask, old, top_k=4, return_stats=True,
+                                      check_finite=False)
+    assert stats["inputs_finite"].dtype == torch.bool and bool(stats["inputs_finite"])
+    bad_teacher = teacher.clone()
+    bad_teacher[1, 1, 3] = float("nan")
+    bad_ids = ids.clone()
+    bad_ids[0, 0] = V + 3
+    for args in ((student, bad_teacher, ids), (student, teacher, bad_ids)):
+        _, stats = entropy_aware_opd_loss(*args, mask, old, top_k=4, return_stats=True, check_finite=False)
+        assert not bool(stats["inputs_finite"])
+    targets = teacher_targets_from_logits(bad_teacher, ids, mask, top_k=4)
+    _, stats = eopd_loss_from_targets(student, targets, ids, mask, old, top_k=4, tau=2.3, return_stats=True,
+                                      check_finite=False)
+    assert not bool(stats["inputs_finite"])

@@ -23,6 +23,33 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
+def entropy_of_logp(logp: torch.Tensor) -> torch.Tensor:
+    """-sum_v p log p of a (detached) log-distribution with one [N, V] temporary instead of two."""
+    plogp = logp.exp()
+    plogp.mul_(logp)
+    return -plogp.sum(-1)
+
+
+# Default rows per chunk: the largest power of two whose [rows, V] fp32 temporaries fit the budget. A student-only
+# EOPD chunk step holds about LIVE_CHUNK_TENSORS of them at its peak (logits, log-softmax, and in the backward the
+# gather's scatter, exp(log-softmax) and the logits gradient; a bf16 model adds a half-size copy).
+LOSS_CHUNK_BUDGET_BYTES = 1 << 30
+LIVE_CHUNK_TENSORS = 6
+MIN_AUTO_CHUNK, MAX_AUTO_CHUNK = 64, 4096
+
+
+def loss_chunk_size_for_vocab(vocab_size: int, budget_bytes: int = LOSS_CHUNK_BUDGET_BYTES) -> int:
+    """Rows per loss chunk so that LIVE_CHUNK_TENSORS fp32 [rows, vocab_size] tensors stay within `budget_bytes`
+    (1 GiB: 256 rows at Qwen3's V = 151,936, 512 at SmolLM2's 49,152), a power of two in [64, 4096]."""
+    if int(vocab_size) != vocab_size or vocab_size < 1:
+        raise ValueError(f"`vocab_size` must be a positive integer, got {vocab_size}.")
+    fit = budget_bytes // (LIVE_CHUNK_TENSORS * 4 * int(vocab_size))
+    rows = MIN_AUTO_CHUNK
+    while rows * 2 <= min(fit, MAX_AUTO_CHUNK):
+        rows *= 2
+    return rows
+
+
 def gate_enabled(tau: float) -> bool:
     """tau = +inf switches the entropy gate (and the forward-KL term with it) off: plain OPD."""
     return not math.isinf(tau)
@@ -140,12 +167,14 @@ def all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     return ok
 
 
+def not_finite_message(what: str) -> str:
+    return (f"{what} contain NaN or infinite values on valid (mask=1) tokens. Check the model outputs (e.g. fp16 "
+            "overflow: train in bf16/fp32) and that padding positions are masked out.")
+
+
 def raise_if_not_finite(ok: torch.Tensor | bool, what: str) -> None:
     if not bool(ok):
-        raise ValueError(
-            f"{what} contain NaN or infinite values on valid (mask=1) tokens. Check the model outputs (e.g. fp16 "
-            "overflow: train in bf16/fp32) and that padding positions are masked out."
-        )
+        raise ValueError(not_finite_message(what))
 
 
 def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -154,6 +183,24 @@ def check_ids(ids: torch.Tensor, vocab_size: int) -> None:
             f"`completion_ids` on valid tokens must lie in [0, {vocab_size}); got min {int(ids.min())}, "
             f"max {int(ids.max())}. Mask padding positions (completion_mask=0) instead of using -100 ids."
         )
+
+
+def ids_in_range(ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids clamped into the vocabulary, 0-dim bool: all were in range) without a host sync. The deferred-check
+    mode (`check_finite=False`) folds the flag into the finiteness flag instead of raising at once; clamping keeps a
+    bad id from crashing the gather (a device-side assert on CUDA) before the flag is read."""
+    ok = ((ids >= 0) & (ids < vocab_size)).all()
+    return ids.clamp(0, vocab_size - 1), ok
+
+
+def lm_head_compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the lm_head product runs in: autocast's when autocast is on for the device (what the model's own
+    lm_head forward would use, e.g. fp32 master weights under bf16 autocast), else the hidden states' (what TRL's
+    `_chunked_divergence_loss` casts an FSDP2 lm_head to)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
 def zero_loss_like(*tensors: torch.Tensor) -> torch.Tensor:
