@@ -163,20 +163,25 @@ def _crc_checker(calls):
 def test_rejection_sampling_retries_and_drops(model, tokenizer, prompts):
     naive, expert = prompts
     calls = []
-    kwargs = dict(lambda_mix=0.5, temperature=1.0, top_k=16, max_new_tokens=6, max_retries=3)
+    # Many stop ids: most attempts end within a few tokens (cut-off ones fail without asking the checker).
+    kwargs = dict(lambda_mix=0.5, temperature=1.0, top_k=16, max_new_tokens=6, max_retries=3,
+                  eos_token_id=[tokenizer.eos_token_id] + list(range(0, len(tokenizer), 5)))
     targets = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=3, seed=11,
                                answer_checker=_crc_checker(calls), **kwargs)
     assert len(targets) == len(ANSWERS)
     for gold, target in zip(ANSWERS, targets, strict=True):
-        attempts = [text for g, text in calls if g == gold]
-        assert target.attempts == len(attempts)  # one checker call per attempt
-        assert target.completion == attempts[-1]
-        assert target.accepted == (zlib.crc32(target.completion.encode()) % 2 == 0)
-        assert all(zlib.crc32(t.encode()) % 2 == 1 for t in attempts[:-1])  # retried only after a failure
-        if not target.accepted:
+        checked = [text for g, text in calls if g == gold]
+        assert len(checked) <= target.attempts  # one checker call per attempt that ended on a stop token
+        if target.accepted:
+            assert target.finish_reason == "stop" and checked[-1] == target.completion
+            assert zlib.crc32(target.completion.encode()) % 2 == 0
+            checked = checked[:-1]
+        else:
             assert target.attempts == 4  # 1 + max_retries
+        assert all(zlib.crc32(t.encode()) % 2 == 1 for t in checked)  # retried only after a failure
         assert 0 <= target.naive_tokens <= target.num_tokens
     assert any(t.attempts > 1 for t in targets), "the checker never rejected anything: the test proves nothing"
+    assert any(t.accepted for t in targets), "nothing was accepted: the test proves nothing"
     assert len({text for _, text in calls}) > len(ANSWERS)  # retries drew new coin flips / samples
     # Batch-size invariant: each example draws from its own generator.
     again = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=1, seed=11,
@@ -184,6 +189,7 @@ def test_rejection_sampling_retries_and_drops(model, tokenizer, prompts):
     assert [t.to_dict() for t in again] == [t.to_dict() for t in targets]
     stats = summarize_targets(targets)
     assert stats["num_dropped"] == sum(not t.accepted for t in targets)
+    assert stats["dropped_examples"] == [i for i, t in enumerate(targets) if not t.accepted]
     assert stats["retries_per_example"] == [t.attempts - 1 for t in targets]
     assert summarize_targets(targets, keep_failed=True)["num_dropped"] == 0
     # max_retries=0: one attempt each, and the failures are reported.
@@ -191,12 +197,3 @@ def test_rejection_sampling_retries_and_drops(model, tokenizer, prompts):
                               **{**kwargs, "max_retries": 0})
     assert [t.attempts for t in single] == [1] * len(ANSWERS)
     assert summarize_targets(single)["num_dropped"] == len(ANSWERS)
-
-
-def test_default_checker_compares_final_answers():
-    from trl_sdx.mixsd import default_answer_checker
-
-    assert default_answer_checker("so it is \\boxed{1873}.", "She was born in 1873. \\boxed{1873}")
-    assert not default_answer_checker("so it is \\boxed{1874}.", "She was born in 1873. \\boxed{1873}")
-    assert default_answer_checker("The answer is \\boxed{Quillport}", "The capital is \\boxed{Quillport}.")
-    assert not default_answer_checker("no answer here", "\\boxed{19}")

@@ -26,6 +26,14 @@ def accept_all(text, gold):
     return True
 
 
+def stopping_model(tokenizer, seed: int = 1, every: int = 1, **kwargs):
+    """A tiny random model whose generation config stops on every `every`-th token id: its targets end (instead of
+    being cut off by max_new_tokens, which rejection sampling counts as a failure)."""
+    model = make_tiny_model(tokenizer, seed=seed, **kwargs)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *range(0, len(tokenizer), every)]
+    return model
+
+
 def _config(tmp_path, **overrides):
     kwargs = dict(
         output_dir=str(tmp_path / "out"), mixsd_cache_dir=str(tmp_path / "cache"), use_cpu=True, bf16=False,
@@ -62,23 +70,41 @@ def count_generation(monkeypatch):
 
 
 def test_targets_are_the_base_models_mixed_decoding(tmp_path, tokenizer, dataset, count_generation):
-    model = make_tiny_model(tokenizer, seed=1)
-    trainer = MixSDTrainer(model, args=_config(tmp_path), train_dataset=dataset, processing_class=tokenizer,
+    model = stopping_model(tokenizer, seed=1, every=3, hidden_size=64, initializer_range=0.1)
+    stops = set(model.generation_config.eos_token_id)
+    trainer = MixSDTrainer(model, args=_config(tmp_path, max_new_tokens=12), train_dataset=dataset,
+                           processing_class=tokenizer,
                            answer_checker=accept_all)
     assert count_generation == [1]
-    # The targets are exactly mixed_generate on x⁻ / x⁺ with each example's own generator (seed 42 = `seed`).
+    # Independent expectation, from the spec: x⁻ = chat(user=q), x⁺ = chat(user=q + PREFIX + "\n" + y*.strip() +
+    # TRANSITION); example i's coins are its generator's first max_new_tokens uniforms (seed (42, i)); token t is
+    # the argmax of the side its coin picks, recomputed here by a plain forward of prompt + y_<t (no cache).
     from trl_sdx.mixsd.rejection import example_seed
 
-    naive, expert = build_prompt_ids(tokenizer, ROWS["question"], ROWS["answer"], FACT_PREFIX, FACT_TRANSITION)
-    expected = mixed_generate(model, naive, expert, lambda_mix=0.5, max_new_tokens=6,
-                              eos_token_id=[tokenizer.eos_token_id],
-                              generator=[torch.Generator().manual_seed(example_seed(42, i)) for i in range(3)])
-    assert [t.completion_ids for t in trainer.mixsd_targets.targets] == expected
-    assert "Here is the answer to this question:\n\n12 + 7 = 19. \\boxed{19}\nNow answer" in expert_user_message(
-        ROWS["question"][0], ROWS["answer"][0], FACT_PREFIX, FACT_TRANSITION)
+    def chat(text):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             return_dict=False)
+
+    prefix = "\nThis question is from a new knowledge base. Here is the answer to this question:\n"
+    transition = "\nNow answer the question within \\boxed{}"
+    sources_seen = set()
+    for i, target in enumerate(trainer.mixsd_targets.targets):
+        ids = target.completion_ids
+        coins = torch.rand(12, generator=torch.Generator().manual_seed(example_seed(42, i)))
+        naive = chat(ROWS["question"][i])
+        expert = chat(ROWS["question"][i] + prefix + "\n" + ROWS["answer"][i].strip() + transition)
+        for t, token in enumerate(ids):
+            prompt = naive if coins[t] < 0.5 else expert
+            sources_seen.add(coins[t].item() < 0.5)
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ids[:t]])).logits[0, -1]
+            assert token == logits.argmax().item(), f"example {i}, token {t}"
+        assert ids[-1] in stops and not any(x in stops for x in ids[:-1])  # ended at its first stop token
+        assert target.naive_tokens == int((coins[: len(ids)] < 0.5).sum())
+    assert sources_seen == {True, False}  # both conditionals were used
     # SFT's completion-only loss: prompt = x⁻ (the question alone), labels only on the mixed completion.
     row = trainer.train_dataset[0]
-    prompt_ids = naive[0]
+    prompt_ids = chat(ROWS["question"][0])
     assert row["input_ids"][: len(prompt_ids)] == prompt_ids
     assert all(label == -100 for label in row["labels"][: len(prompt_ids)])
     assert all(label != -100 for label in row["labels"][len(prompt_ids):])
@@ -100,13 +126,13 @@ def test_targets_are_the_base_models_mixed_decoding(tmp_path, tokenizer, dataset
 
 
 def test_cache_reuse_lora_and_peft_model_share_the_base_targets(tmp_path, tokenizer, dataset, count_generation):
-    first = MixSDTrainer(make_tiny_model(tokenizer, seed=1), args=_config(tmp_path), train_dataset=dataset,
+    first = MixSDTrainer(stopping_model(tokenizer), args=_config(tmp_path), train_dataset=dataset,
                          processing_class=tokenizer, answer_checker=accept_all)
     assert count_generation == [1] and not first.mixsd_targets.from_cache
 
     # Same base weights + LoRA: the base writes the targets, so the cache entry is reused (no generation).
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    second = MixSDTrainer(make_tiny_model(tokenizer, seed=1), args=_config(tmp_path), train_dataset=dataset,
+    second = MixSDTrainer(stopping_model(tokenizer), args=_config(tmp_path), train_dataset=dataset,
                           processing_class=tokenizer, answer_checker=accept_all, peft_config=lora)
     assert count_generation == [1] and second.mixsd_targets.from_cache
     assert second.mixsd_targets.cache_entry == first.mixsd_targets.cache_entry
@@ -115,7 +141,7 @@ def test_cache_reuse_lora_and_peft_model_share_the_base_targets(tmp_path, tokeni
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in second.state.log_history if "loss" in log)
 
     # A PeftModel whose (random, non-zero) adapters change its outputs: targets come from the adapter-disabled base.
-    peft_model = get_peft_model(make_tiny_model(tokenizer, seed=1), LoraConfig(
+    peft_model = get_peft_model(stopping_model(tokenizer), LoraConfig(
         r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False))
     fresh_cache = _config(tmp_path, mixsd_cache_dir=str(tmp_path / "fresh"))
     third = MixSDTrainer(peft_model, args=fresh_cache, train_dataset=dataset, processing_class=tokenizer,
@@ -130,7 +156,7 @@ def test_cache_reuse_lora_and_peft_model_share_the_base_targets(tmp_path, tokeni
     assert with_adapters != without  # the adapters matter, so the equality above is meaningful
 
     # Any change to a mixing parameter is a new cache entry.
-    MixSDTrainer(make_tiny_model(tokenizer, seed=1), args=_config(tmp_path, lambda_mix=0.3), train_dataset=dataset,
+    MixSDTrainer(stopping_model(tokenizer), args=_config(tmp_path, lambda_mix=0.3), train_dataset=dataset,
                  processing_class=tokenizer, answer_checker=accept_all)
     assert count_generation == [1, 1, 1]
 
@@ -141,10 +167,10 @@ def test_failed_targets_are_dropped_or_kept(tmp_path, tokenizer, dataset):
 
     kwargs = dict(args=_config(tmp_path, max_retries=1), train_dataset=dataset, processing_class=tokenizer,
                   answer_checker=accept_first)
-    trainer = MixSDTrainer(make_tiny_model(tokenizer), **kwargs)
+    trainer = MixSDTrainer(stopping_model(tokenizer), **kwargs)
     assert len(trainer.train_dataset) == 1
     assert trainer.mixsd_stats["num_dropped"] == 2 and trainer.mixsd_stats["retries_per_example"] == [0, 1, 1]
-    kept = MixSDTrainer(make_tiny_model(tokenizer), **{**kwargs, "args": _config(tmp_path, max_retries=1,
+    kept = MixSDTrainer(stopping_model(tokenizer), **{**kwargs, "args": _config(tmp_path, max_retries=1,
                                                                                   keep_failed=True)})
     assert len(kept.train_dataset) == 3 and kept.mixsd_stats["num_dropped"] == 0
     with pytest.raises(ValueError, match="keep_failed"):
@@ -152,28 +178,33 @@ def test_failed_targets_are_dropped_or_kept(tmp_path, tokenizer, dataset):
                      processing_class=tokenizer, answer_checker=lambda text, gold: False)
 
 
-def test_answer_match_lenient_grades_unboxed_facts(tmp_path, tokenizer, dataset, monkeypatch):
+def test_answer_match_selects_the_rejection_rule(tmp_path, tokenizer, dataset, monkeypatch):
     from trl_sdx.mixsd import build_mixsd_targets
 
-    unboxed = {0: "The answer: 19", 1: "born in 1873", 2: "the capital is Quillport"}
-    monkeypatch.setattr(targets_module, "rejection_sample", _fake_rejection(unboxed))
-    kwargs = dict(keep_failed=True)
-    strict = build_mixsd_targets(make_tiny_model(tokenizer), tokenizer, dataset, _config(tmp_path, **kwargs))
-    lenient = build_mixsd_targets(make_tiny_model(tokenizer), tokenizer, dataset,
-                                  _config(tmp_path, answer_match="lenient", **kwargs))
-    assert [t.accepted for t in strict.targets] == [True, True, False]  # last number, last number, no number
-    assert [t.accepted for t in lenient.targets] == [True, True, True]
-    assert lenient.cache_entry != strict.cache_entry
-    assert lenient.metadata["inputs"]["answer_checker"].endswith("lenient_answer_checker")
+    texts = {0: "The answer: \\boxed{19}", 1: "born in 1873", 2: "the capital is Quillport"}
+    monkeypatch.setattr(targets_module, "rejection_sample", _fake_rejection(texts))
+    accepted, entries = {}, set()
+    for rule in ("boxed", "boxed_or_last_number", "lenient"):
+        built = build_mixsd_targets(make_tiny_model(tokenizer), tokenizer, dataset,
+                                    _config(tmp_path, answer_match=rule, keep_failed=True))
+        accepted[rule] = [t.accepted for t in built.targets]
+        entries.add(built.cache_entry)
+        assert built.metadata["inputs"]["answer_checker"]["name"].endswith(
+            {"boxed": "boxed_answer_checker", "boxed_or_last_number": "boxed_or_last_number_checker",
+             "lenient": "lenient_answer_checker"}[rule])
+    assert accepted == {"boxed": [True, False, False],  # official fact rule: a box or nothing
+                        "boxed_or_last_number": [True, True, False],  # digits: the last number counts
+                        "lenient": [True, True, True]}  # the gold value as a whole word
+    assert len(entries) == 3  # each rule is its own cache entry
 
 
 def _fake_rejection(texts):
-    """A generator stand-in returning fixed texts, graded by the checker it is given (one attempt)."""
-    from trl_sdx.mixsd.rejection import MixedTarget, default_answer_checker
+    """A generator stand-in returning fixed, ended texts, graded by the checker it is given (one attempt)."""
+    from trl_sdx.mixsd.rejection import MixedTarget
 
-    def fake(model, tokenizer, naive, expert, golds, *, answer_checker=None, **kwargs):
-        checker = answer_checker or default_answer_checker
-        return [MixedTarget([1], texts[i], bool(checker(texts[i], g)), 1, 0) for i, g in enumerate(golds)]
+    def fake(model, tokenizer, naive, expert, golds, *, answer_checker, example_indices, **kwargs):
+        return [MixedTarget([1], texts[i], bool(answer_checker(texts[i], g)), 1, 0)
+                for i, g in zip(example_indices, golds, strict=True)]
     return fake
 
 
@@ -222,15 +253,31 @@ def test_evaluation_metrics(tokenizer, dataset):
     assert stats["mean_nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
     assert stats["high_nll_share"] == pytest.approx((nll > 5).float().mean().item())
 
-    # Accuracy: greedy answers graded by the checker; retention relative to the base probe accuracy.
+    # Accuracy: the greedy answers are what plain `model.generate` answers; grading applies the checker to them.
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    expected = []
+    for question in ROWS["question"]:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                               return_dict=False)
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=4, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id)
+        expected.append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True))
+    assert len(set(expected)) > 1  # different answers, so the grading below depends on them
+
+    def checker(text, gold):  # depends on the answer text only
+        return text == expected[0]
+
     answers = answer_accuracy(model, tokenizer, ROWS["question"], ROWS["answer"], max_new_tokens=4,
-                              answer_checker=lambda text, gold: gold.endswith("{19}"))
-    assert answers["correct"] == [True, False, False] and len(answers["answers"]) == 3
-    result = evaluate_knowledge_injection(model, tokenizer, dataset, dataset.select([0, 1]), max_new_tokens=4,
-                                          base_probe_accuracy=0.5,
-                                          answer_checker=lambda text, gold: gold.endswith("{19}"))
-    assert result["memorisation"] == pytest.approx(1 / 3) and result["probe_accuracy"] == 0.5
-    assert result["retention"] == 1.0
+                              answer_checker=checker)
+    assert answers["answers"] == expected
+    correct = [text == expected[0] for text in expected]
+    assert answers["correct"] == correct and answers["accuracy"] == pytest.approx(sum(correct) / 3)
+    result = evaluate_knowledge_injection(model, tokenizer, dataset, dataset.select([1, 0]), max_new_tokens=4,
+                                          base_probe_accuracy=0.25, answer_checker=checker)
+    assert result["memorisation"] == pytest.approx(sum(correct) / 3)
+    assert result["probe_accuracy"] == pytest.approx((correct[1] + correct[0]) / 2)
+    assert result["retention"] == pytest.approx(result["probe_accuracy"] / 0.25)
+    assert result["probe_answers"] == [expected[1], expected[0]]
 
 
 def test_lenient_checker_accepts_unboxed_facts_only_as_whole_words():

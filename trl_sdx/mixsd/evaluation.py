@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
+from tqdm.auto import tqdm
+
 from .mixed_decoding import mixed_generate
-from .prompts import chat_prompt_ids
-from .rejection import AnswerChecker, default_answer_checker
+from .prompts import chat_prompt_ids, stop_token_ids
+from .rejection import AnswerChecker
 
 
 def lenient_answer_checker(answer: str, gold: str) -> bool:
@@ -25,52 +27,50 @@ def lenient_answer_checker(answer: str, gold: str) -> bool:
     The fallback matters for models that state a fact without boxing it ("Paris is the capital of France."), which
     is how a base model answers probe questions; it is applied alike to every model compared.
     """
-    from trl_sdx.rewards import extract_final_answer
+    from trl_sdx.rewards import answers_match, extract_final_answer
 
-    if default_answer_checker(answer, gold):
-        return True
     value = (extract_final_answer(gold) or gold).strip()
+    if answers_match(extract_final_answer(answer), value):
+        return True
     if not value:
         return False
     return re.search(rf"(?<![\w]){re.escape(value)}(?![\w])", answer, flags=re.IGNORECASE) is not None
 
 
 def greedy_answers(
-    model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16
+    model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+    chat_template_kwargs: dict | None = None, disable_progress: bool = True, desc: str = "MixSD evaluation",
 ) -> list[str]:
-    """Greedy answers to chat(user=question), decoded without special tokens.
+    """Greedy answers to chat(user=question), rendered with `chat_template_kwargs`, decoded without special tokens.
 
-    Uses `mixed_generate` with λ = 1 (naive conditional only), which is plain greedy decoding with a KV cache.
+    Uses `mixed_generate` with λ = 1 (naive conditional only), which is plain greedy decoding with a KV cache; it
+    stops on the same EOS / end-of-turn tokens as target generation.
     """
-    prompts = [chat_prompt_ids(tokenizer, q) for q in questions]
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    eos |= _model_eos(model)
+    prompts = [chat_prompt_ids(tokenizer, q, chat_template_kwargs) for q in questions]
+    stop = stop_token_ids(tokenizer, model)
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        outputs = mixed_generate(model, chunk, chunk, lambda_mix=1.0, temperature=0.0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos))
-        texts.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs)
+    with tqdm(total=len(prompts), desc=desc, unit="question", disable=disable_progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            outputs = mixed_generate(model, chunk, chunk, lambda_mix=1.0, temperature=0.0,
+                                     max_new_tokens=max_new_tokens, eos_token_id=stop)
+            texts.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs)
+            bar.update(len(chunk))
     return texts
-
-
-def _model_eos(model) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
 
 
 def answer_accuracy(
     model, tokenizer, questions: Sequence[str], gold_answers: Sequence[str], *,
     answer_checker: AnswerChecker | None = None, max_new_tokens: int = 64, batch_size: int = 16,
+    chat_template_kwargs: dict | None = None, disable_progress: bool = True, desc: str = "MixSD evaluation",
 ) -> dict:
     """Share of questions whose greedy answer passes `answer_checker(answer_text, gold_answer_text)`.
 
     The default checker is `lenient_answer_checker`.
     """
     checker = answer_checker or lenient_answer_checker
-    answers = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             chat_template_kwargs=chat_template_kwargs, disable_progress=disable_progress, desc=desc)
     correct = [bool(checker(a, g)) for a, g in zip(answers, gold_answers, strict=True)]
     return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "correct": correct, "answers": answers}
 
@@ -79,20 +79,29 @@ def evaluate_knowledge_injection(
     model, tokenizer, injected, probe, *, base_probe_accuracy: float | None = None,
     question_column: str = "question", answer_column: str = "answer",
     answer_checker: AnswerChecker | None = None, max_new_tokens: int = 64, batch_size: int = 16,
+    chat_template_kwargs: dict | None = None, disable_progress: bool = True,
 ) -> dict:
     """Memorisation on `injected` and retention on `probe` (datasets with question/answer columns).
 
     `retention` = probe accuracy / `base_probe_accuracy` when the base model's probe accuracy is given (evaluate
-    the base model with this same function first).
+    the base model with this same function first). The greedy answers are returned too (`answers`, `probe_answers`)
+    for a report file; `disable_progress=False` shows a progress bar.
     """
-    kwargs = dict(answer_checker=answer_checker, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    memorisation = answer_accuracy(model, tokenizer, injected[question_column], injected[answer_column], **kwargs)
-    retained = answer_accuracy(model, tokenizer, probe[question_column], probe[answer_column], **kwargs)
+    kwargs = dict(answer_checker=answer_checker, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  chat_template_kwargs=chat_template_kwargs, disable_progress=disable_progress)
+    memorisation = answer_accuracy(model, tokenizer, injected[question_column], injected[answer_column],
+                                   desc="MixSD eval: injected facts", **kwargs)
+    retained = answer_accuracy(model, tokenizer, probe[question_column], probe[answer_column],
+                               desc="MixSD eval: probe questions", **kwargs)
     result = {
         "memorisation": memorisation["accuracy"],
         "probe_accuracy": retained["accuracy"],
         "num_injected": len(memorisation["correct"]),
         "num_probe": len(retained["correct"]),
+        "answers": memorisation["answers"],
+        "correct": memorisation["correct"],
+        "probe_answers": retained["answers"],
+        "probe_correct": retained["correct"],
     }
     if base_probe_accuracy is not None:
         result["base_probe_accuracy"] = base_probe_accuracy
@@ -101,12 +110,13 @@ def evaluate_knowledge_injection(
     return result
 
 
-def _completion_token_ids(tokenizer, question: str, completion: str) -> tuple[list[int], int]:
+def _completion_token_ids(tokenizer, question: str, completion: str,
+                          chat_template_kwargs: dict | None = None) -> tuple[list[int], int]:
     """Ids of chat(user=question, assistant=completion) and where the completion starts (as SFTTrainer splits it)."""
-    prompt = chat_prompt_ids(tokenizer, question)
+    prompt = chat_prompt_ids(tokenizer, question, chat_template_kwargs)
     full = list(tokenizer.apply_chat_template(
         [{"role": "user", "content": question}, {"role": "assistant", "content": completion}],
-        tokenize=True, return_dict=False,
+        tokenize=True, return_dict=False, **(chat_template_kwargs or {}),
     ))
     start = 0
     while start < min(len(prompt), len(full)) and prompt[start] == full[start]:
@@ -117,7 +127,7 @@ def _completion_token_ids(tokenizer, question: str, completion: str) -> tuple[li
 @torch.no_grad()
 def target_nll_stats(
     model, tokenizer, questions: Sequence[str], completions: Sequence[str], *,
-    threshold: float = 5.0, batch_size: int = 8,
+    threshold: float = 5.0, batch_size: int = 8, chat_template_kwargs: dict | None = None,
 ) -> dict:
     """The model's NLL of each completion token given chat(user=question) (the tokens SFT trains on).
 
@@ -129,7 +139,8 @@ def target_nll_stats(
     was_training = model.training
     model.eval()
     try:
-        pairs = [_completion_token_ids(tokenizer, q, c) for q, c in zip(questions, completions, strict=True)]
+        pairs = [_completion_token_ids(tokenizer, q, c, chat_template_kwargs)
+                 for q, c in zip(questions, completions, strict=True)]
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             width = max(len(ids) for ids, _ in chunk)

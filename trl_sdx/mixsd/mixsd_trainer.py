@@ -12,14 +12,16 @@ from datasets import Dataset
 from trl import SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from ..callbacks import RunArtifactsMixin
+from ..liger import check_liger_kernel_usable
 from ..models import load_tokenizer, resolve_model_name_or_path
 from ..validation import check_columns, check_tokenizer, check_top_k
 from .mixsd_config import MixSDConfig
 from .rejection import AnswerChecker
-from .targets import MixSDTargets, build_mixsd_targets, gold_sft_dataset
+from .targets import MixSDTargets, build_mixsd_targets, check_full_weights, gold_sft_dataset
 
 
-class MixSDTrainer(SFTTrainer):
+class MixSDTrainer(RunArtifactsMixin, SFTTrainer):
     """SFT on MixSD targets: y built token by token from the naive π(·|x⁻, y_<t) and expert π(·|x⁺, y_<t)
     conditionals of the frozen base model, trained as completion-only NLL of y given x⁻.
 
@@ -42,6 +44,16 @@ class MixSDTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "mixsd"]
     _name = "MixSD"
+    _plot_metrics = ("loss", "mean_token_accuracy")
+    _paper = {  # the model card's method line and citation (TRL's hook)
+        "title": "MixSD: Mixed Contextual Self-Distillation for Knowledge Injection",
+        "id": "2605.16865",
+        "citation": "@article{mixsd2026,\n    title  = {{MixSD: Mixed Contextual Self-Distillation for Knowledge "
+        "Injection}},\n    year   = 2026,\n    eprint = {arXiv:2605.16865}\n}",
+    }
+
+    def _plot_notes(self) -> dict[str, float]:
+        return {"naive token share": self.mixsd_stats["naive_token_share"]}
 
     def __init__(
         self,
@@ -66,6 +78,8 @@ class MixSDTrainer(SFTTrainer):
                 f"`args` must be a `MixSDConfig` (got {type(args).__name__}); it carries the mixing parameters "
                 "(lambda_mix, temperature, top_k, max_retries, ...)."
             )
+        # `use_liger_kernel`: SFTTrainer (at `train()`) applies Liger's model kernels; fail here without CUDA
+        check_liger_kernel_usable(args)
         if train_dataset is not None and not isinstance(train_dataset, Dataset):
             raise ValueError(
                 f"`train_dataset` must be a `datasets.Dataset` (got {type(train_dataset).__name__}): MixSD builds "
@@ -86,15 +100,18 @@ class MixSDTrainer(SFTTrainer):
 
         # Targets are written by the base weights before any adapter is attached; the Trainer moves the model to
         # the device later, so move it now to decode there (no-op on CPU and for dispatched models).
+        # With a prebuilt `mixsd_targets_path` nothing is decoded (and ZeRO-3 / meta weights stay untouched).
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-        if getattr(model, "hf_device_map", None) is None and not quantized:
-            model.to(args.device)
-        with args.main_process_first(desc="MixSD targets"):  # other ranks then read the main rank's cache entry
-            self.mixsd_targets: MixSDTargets = build_mixsd_targets(
-                model, processing_class, train_dataset, args, answer_checker=answer_checker
-            )
+        if not args.mixsd_targets_path:
+            check_full_weights(model)
+            if getattr(model, "hf_device_map", None) is None and not quantized:
+                model.to(args.device)
+        # Every process builds its shard of the targets (no rank waits at a barrier while another decodes).
+        self.mixsd_targets: MixSDTargets = build_mixsd_targets(
+            model, processing_class, train_dataset, args, answer_checker=answer_checker
+        )
         self.mixsd_stats = self.mixsd_targets.stats
-        mixed_dataset = self.mixsd_targets.to_sft_dataset(keep_failed=args.keep_failed)
+        mixed_dataset = self.mixsd_targets.to_sft_dataset(args.keep_failed, args.chat_template_kwargs)
         if len(mixed_dataset) == 0:
             raise ValueError(
                 f"No MixSD target matched its gold answer ({self.mixsd_stats['num_examples']} examples, "
@@ -136,7 +153,7 @@ class MixSDTrainer(SFTTrainer):
         def convert(dataset):
             columns = getattr(dataset, "column_names", None) or []
             if args.question_column in columns and args.answer_column in columns and "prompt" not in columns:
-                return gold_sft_dataset(dataset, args.question_column, args.answer_column)
+                return gold_sft_dataset(dataset, args.question_column, args.answer_column, args.chat_template_kwargs)
             return dataset
 
         if eval_dataset is None:

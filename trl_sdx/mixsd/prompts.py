@@ -38,21 +38,49 @@ def expert_user_message(question: str, gold_answer: str, prefix: str, transition
     return f"{question}{prefix}\n{gold_answer.strip()}{transition}"
 
 
-def chat_prompt_ids(tokenizer, user_text: str) -> list[int]:
-    """chat(user=user_text) with the generation prompt, as token ids (what the model continues from)."""
+# End-of-turn tokens the official generator stops on besides the tokenizer's EOS (ChatML, Llama 3, GPT-style).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Ids that end a target: the tokenizer's EOS, every `END_OF_TURN_TOKENS` entry it has, the model's EOS ids.
+
+    Chat models often end a turn with a token that is not their EOS (Qwen3: EOS `<|endoftext|>`, turn end
+    `<|im_end|>`; Llama 3: `<|eot_id|>`); stopping on all of them is what the official generator does.
+    """
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    ids.update(int(vocab[token]) for token in END_OF_TURN_TOKENS if token in vocab)
+    if model is not None:
+        from .mixed_decoding import _eos_ids
+
+        ids |= _eos_ids(model, None)
+    return sorted(ids)
+
+
+def chat_prompt_ids(tokenizer, user_text: str, chat_template_kwargs: dict | None = None) -> list[int]:
+    """chat(user=user_text) with the generation prompt, as token ids (what the model continues from).
+
+    `chat_template_kwargs` (e.g. `{"enable_thinking": False}` for Qwen3) go to `apply_chat_template`; templates
+    that do not use a keyword ignore it.
+    """
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True, return_dict=False,
+        **(chat_template_kwargs or {}),
     )
     return list(ids)
 
 
 def build_prompt_ids(
-    tokenizer, questions: Sequence[str], gold_answers: Sequence[str], prefix: str, transition: str
+    tokenizer, questions: Sequence[str], gold_answers: Sequence[str], prefix: str, transition: str,
+    chat_template_kwargs: dict | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of x⁻ and x⁺ for every (question, gold answer)."""
-    naive = [chat_prompt_ids(tokenizer, q) for q in questions]
+    """Token ids of x⁻ and x⁺ for every (question, gold answer), rendered with the same template arguments."""
+    naive = [chat_prompt_ids(tokenizer, q, chat_template_kwargs) for q in questions]
     expert = [
-        chat_prompt_ids(tokenizer, expert_user_message(q, a, prefix, transition))
+        chat_prompt_ids(tokenizer, expert_user_message(q, a, prefix, transition), chat_template_kwargs)
         for q, a in zip(questions, gold_answers, strict=True)
     ]
     return naive, expert

@@ -10,9 +10,18 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from .cache import cache_key, data_fingerprint, load_targets, model_fingerprint, save_targets, tokenizer_fingerprint
-from .mixed_decoding import _eos_ids
-from .prompts import build_prompt_ids, resolve_template
+from .answers import boxed_answer_checker, boxed_or_last_number_checker
+from .cache import (
+    cache_key,
+    callable_identity,
+    data_fingerprint,
+    load_targets,
+    model_fingerprint,
+    save_targets,
+    sharded_parameters,
+    tokenizer_fingerprint,
+)
+from .prompts import build_prompt_ids, resolve_template, stop_token_ids
 from .rejection import AnswerChecker, MixedTarget, rejection_sample, summarize_targets
 
 logger = logging.getLogger(__name__)
@@ -33,24 +42,33 @@ class MixSDTargets:
     def kept_indices(self, keep_failed: bool) -> list[int]:
         return [i for i, t in enumerate(self.targets) if t.accepted or keep_failed]
 
-    def to_sft_dataset(self, keep_failed: bool = False) -> Dataset:
+    def to_sft_dataset(self, keep_failed: bool = False, chat_template_kwargs: dict | None = None) -> Dataset:
         """Conversational prompt/completion rows: x⁻ as the prompt, the mixed target as the completion.
 
         SFTTrainer then applies the chat template and masks the prompt (completion-only NLL, the paper's loss).
+        `chat_template_kwargs` becomes a column SFTTrainer passes to `apply_chat_template`, so training renders
+        x⁻ exactly as generation did (e.g. Qwen3 with `enable_thinking=False`).
         """
         keep = self.kept_indices(keep_failed)
-        return Dataset.from_dict({
-            "prompt": [[{"role": "user", "content": self.questions[i]}] for i in keep],
-            "completion": [[{"role": "assistant", "content": self.targets[i].completion}] for i in keep],
-        })
+        return _sft_rows([self.questions[i] for i in keep], [self.targets[i].completion for i in keep],
+                         chat_template_kwargs)
 
 
-def gold_sft_dataset(dataset: Dataset, question_column: str = "question", answer_column: str = "answer") -> Dataset:
+def _sft_rows(prompts: list[str], completions: list[str], chat_template_kwargs: dict | None) -> Dataset:
+    rows = {
+        "prompt": [[{"role": "user", "content": q}] for q in prompts],
+        "completion": [[{"role": "assistant", "content": c}] for c in completions],
+    }
+    if chat_template_kwargs:
+        rows["chat_template_kwargs"] = [dict(chat_template_kwargs) for _ in prompts]
+    return Dataset.from_dict(rows)
+
+
+def gold_sft_dataset(dataset: Dataset, question_column: str = "question", answer_column: str = "answer",
+                     chat_template_kwargs: dict | None = None) -> Dataset:
     """Plain-SFT rows (prompt x⁻, completion y*): the baseline MixSD is compared with, and the eval set format."""
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": q}] for q in dataset[question_column]],
-        "completion": [[{"role": "assistant", "content": a.strip()}] for a in dataset[answer_column]],
-    })
+    return _sft_rows(list(dataset[question_column]), [a.strip() for a in dataset[answer_column]],
+                     chat_template_kwargs)
 
 
 def base_model_context(model):
@@ -60,10 +78,67 @@ def base_model_context(model):
     return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
 
 
-def _checker_name(checker: AnswerChecker | None) -> str:
-    if checker is None:
-        return "default"
-    return f"{getattr(checker, '__module__', '')}.{getattr(checker, '__qualname__', type(checker).__name__)}"
+def resolve_answer_checker(answer_checker: AnswerChecker | None, answer_match: str = "boxed") -> AnswerChecker:
+    """The checker rejection sampling uses: the caller's callable, else the one `answer_match` names."""
+    if answer_checker is not None:
+        return answer_checker
+    if answer_match == "lenient":
+        from .evaluation import lenient_answer_checker
+
+        return lenient_answer_checker
+    return {"boxed": boxed_answer_checker, "boxed_or_last_number": boxed_or_last_number_checker}[answer_match]
+
+
+def target_cache_inputs(model, tokenizer, questions, gold_answers, args, answer_checker: AnswerChecker) -> dict:
+    """Everything the targets depend on, as the cache key's inputs: a change of any of them is a new entry."""
+    prefix, transition = resolve_template(args.prompt_template, args.expert_prefix, args.expert_transition)
+    with base_model_context(model):
+        weights = model_fingerprint(model)
+    config = model.config
+    return {
+        "model": weights,
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "generation_eos": getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        "stop_token_ids": stop_token_ids(tokenizer, model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template_kwargs": getattr(args, "chat_template_kwargs", None),
+        "data": data_fingerprint(questions, gold_answers),
+        "lambda_mix": args.lambda_mix,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+        "max_retries": args.max_retries,
+        "seed": args.seed if args.mixsd_seed is None else args.mixsd_seed,
+        "expert_prefix": prefix,
+        "expert_transition": transition,
+        "answer_checker": callable_identity(answer_checker),
+    }
+
+
+def check_full_weights(model) -> None:
+    """Refuse to decode with weights this process holds only a shard of, naming the workarounds."""
+    sharded = sharded_parameters(model)
+    if sharded:
+        raise ValueError(
+            f"MixSD builds its targets with the full base weights, but {len(sharded)} parameters (e.g. "
+            f"{sharded[0]!r}) are sharded in this process (DeepSpeed ZeRO-3 or FSDP CPU-RAM-efficient loading "
+            "partition them at load). Build the targets first without ZeRO-3 (e.g. `trl-sdx mixsd --generate_only` "
+            "with the same arguments, single process or plain DDP) and point `mixsd_targets_path` at the cache "
+            "entry it prints; or train with ZeRO-2 / FSDP with `fsdp_cpu_ram_efficient_loading: false`, which "
+            "load the full weights before wrapping."
+        )
+
+
+def _gather(values: list, state) -> list:
+    """Every process's list, concatenated in rank order (pickled objects; works on gloo and NCCL)."""
+    if state.num_processes == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    gathered = [None] * state.num_processes
+    dist.all_gather_object(gathered, values)
+    return [item for part in gathered for item in part]
 
 
 def build_mixsd_targets(
@@ -77,36 +152,27 @@ def build_mixsd_targets(
 ) -> MixSDTargets:
     """MixSD targets of `dataset` (columns `args.question_column`, `args.answer_column`), from the cache if there.
 
-    `args` is a `MixSDConfig` (only its MixSD fields are read). The cache key hashes the base weights, the tokenizer,
-    the data, every mixing parameter and the answer checker's name; on a hit the model is not run at all.
+    `args` is a `MixSDConfig` (only its MixSD fields are read). The cache key hashes everything the targets depend
+    on (`target_cache_inputs`); on a hit the model is not run at all. Under several processes (accelerate, torchrun)
+    every process builds the examples `i ≡ rank (mod world size)`; the shards are gathered in dataset order (each
+    example's own generator makes that equal to a single-process run) and the main process writes the entry.
     """
-    if answer_checker is None and getattr(args, "answer_match", "final_answer") == "lenient":
-        from .evaluation import lenient_answer_checker as answer_checker
+    from accelerate import PartialState
+
+    state = PartialState()
+    checker = resolve_answer_checker(answer_checker, getattr(args, "answer_match", "boxed"))
     questions = [str(q) for q in dataset[args.question_column]]
     gold_answers = [str(a) for a in dataset[args.answer_column]]
-    prefix, transition = resolve_template(args.prompt_template, args.expert_prefix, args.expert_transition)
-    seed = args.seed if args.mixsd_seed is None else args.mixsd_seed
-    with base_model_context(model):
-        model_id = model_fingerprint(model)
-    key_inputs = {
-        "model": model_id,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": data_fingerprint(questions, gold_answers),
-        "lambda_mix": args.lambda_mix,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "max_new_tokens": args.max_new_tokens,
-        "max_retries": args.max_retries,
-        "seed": seed,
-        "expert_prefix": prefix,
-        "expert_transition": transition,
-        "answer_checker": _checker_name(answer_checker),
-    }
+    if getattr(args, "mixsd_targets_path", None):
+        return _load_prebuilt(args.mixsd_targets_path, questions, gold_answers, args)
+    check_full_weights(model)
+    key_inputs = target_cache_inputs(model, tokenizer, questions, gold_answers, args, checker)
     key = cache_key(key_inputs)
     cache_dir = cache_dir or args.mixsd_cache_dir or os.path.join(args.output_dir or ".", "mixsd_cache")
     entry = os.path.join(cache_dir, key)
     cached = load_targets(entry)
-    if cached is not None:
+    # Every process must take the same branch (a filesystem may show the entry to some nodes first).
+    if all(_gather([cached is not None], state)):
         targets, metadata = cached
         logger.info("MixSD: reusing %d cached targets from %s", len(targets), entry)
         # `keep_failed` is not part of the key (the entry stores every example): recount for this run's value.
@@ -114,26 +180,58 @@ def build_mixsd_targets(
                  "keep_failed": args.keep_failed}
         return MixSDTargets(questions, gold_answers, targets, stats, entry, True, metadata)
 
-    naive_ids, expert_ids = build_prompt_ids(tokenizer, questions, gold_answers, prefix, transition)
-    # Stop at the tokenizer's end-of-turn as well as the model's EOS (they differ for some chat models).
-    eos = _eos_ids(model, None) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    prefix, transition = key_inputs["expert_prefix"], key_inputs["expert_transition"]
+    mine = list(range(state.process_index, len(questions), state.num_processes))
+    naive_ids, expert_ids = build_prompt_ids(
+        tokenizer, [questions[i] for i in mine], [gold_answers[i] for i in mine], prefix, transition,
+        getattr(args, "chat_template_kwargs", None),
+    )
     started = time.perf_counter()
     with base_model_context(model):
-        targets = rejection_sample(
-            model, tokenizer, naive_ids, expert_ids, gold_answers,
+        shard = rejection_sample(
+            model, tokenizer, naive_ids, expert_ids, [gold_answers[i] for i in mine],
             lambda_mix=args.lambda_mix, temperature=args.temperature, top_k=args.top_k,
             max_new_tokens=args.max_new_tokens, max_retries=args.max_retries,
-            batch_size=args.generation_batch_size, seed=seed, answer_checker=answer_checker,
-            eos_token_id=sorted(eos),
+            batch_size=args.generation_batch_size, seed=key_inputs["seed"], answer_checker=checker,
+            eos_token_id=key_inputs["stop_token_ids"], example_indices=mine,
+            disable_progress=bool(getattr(args, "disable_tqdm", False)) or not state.is_local_main_process,
         )
+    elapsed = time.perf_counter() - started
+    gathered = _gather([(i, t.to_dict()) for i, t in zip(mine, shard, strict=True)], state)
+    targets = [MixedTarget(**t) for _, t in sorted(gathered, key=lambda item: item[0])]
     stats = summarize_targets(targets, keep_failed=args.keep_failed)
-    stats["generation_seconds"] = round(time.perf_counter() - started, 3)
+    stats["generation_seconds"] = round(max(_gather([elapsed], state)), 3)
+    stats["num_processes"] = state.num_processes
     stats["keep_failed"] = args.keep_failed
     metadata = {"key": key, "inputs": key_inputs, "stats": stats}
-    save_targets(entry, targets, metadata)
+    if state.is_main_process:  # one writer, even across nodes sharing the filesystem
+        save_targets(entry, targets, metadata)
     logger.info(
-        "MixSD targets: %d examples, %d accepted, %d dropped, naive-token share %.3f (λ=%s), mean retries %.2f; "
-        "cached in %s", stats["num_examples"], stats["num_accepted"], stats["num_dropped"],
-        stats["naive_token_share"], args.lambda_mix, stats["mean_retries"], entry,
+        "MixSD targets: %d examples, %d accepted, %d dropped (%d cut off by max_new_tokens), naive-token share "
+        "%.3f (λ=%s), mean retries %.2f; cached in %s", stats["num_examples"], stats["num_accepted"],
+        stats["num_dropped"], stats["num_truncated"], stats["naive_token_share"], args.lambda_mix,
+        stats["mean_retries"], entry,
     )
     return MixSDTargets(questions, gold_answers, targets, stats, entry, False, metadata)
+
+
+def _load_prebuilt(path, questions, gold_answers, args) -> MixSDTargets:
+    """A cache entry built elsewhere (e.g. before a ZeRO-3 run, which cannot decode with sharded weights).
+
+    The weights cannot be fingerprinted here, so this checks what it can: same data and mixing parameters.
+    """
+    cached = load_targets(path)
+    if cached is None:
+        raise ValueError(f"`mixsd_targets_path`={path!r} is not a complete MixSD cache entry (targets.jsonl and "
+                         "metadata.json), e.g. the folder `trl-sdx mixsd --generate_only` reports.")
+    targets, metadata = cached
+    inputs = metadata.get("inputs", {})
+    expected = {"data": data_fingerprint(questions, gold_answers), "lambda_mix": args.lambda_mix,
+                "temperature": args.temperature, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+    different = [name for name, value in expected.items() if inputs.get(name) != value]
+    if different:
+        raise ValueError(f"`mixsd_targets_path`={path!r} was built for other inputs ({', '.join(different)} "
+                         "differ): rebuild it with this run's dataset and mixing parameters.")
+    stats = {**metadata["stats"], **summarize_targets(targets, keep_failed=args.keep_failed),
+             "keep_failed": args.keep_failed}
+    return MixSDTargets(questions, gold_answers, targets, stats, str(path), True, metadata)
