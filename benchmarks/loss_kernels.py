@@ -1,12 +1,23 @@
-"""Peak memory and time of loss + backward for the EOPD loss kernels and two reference implementations.
+"""Peak memory and time of loss + backward for the loss kernels: ours (native), Liger's, and reference peers.
 
-Methods (same inputs: student/teacher final hidden states and lm_head weights, N completion tokens):
-  plain_eopd        `entropy_aware_opd_loss` on full logits (hidden @ W^T built by the caller, as a trainer does)
-  fused_eopd        `fused_entropy_aware_opd_loss` (chunked, eager)
-  fused_eopd_compiled  the same with compiled=True
-  trl_gkd_beta1     TRL `GKDTrainer.generalized_jsd_loss(beta=1)` on full logits
-  liger_jsd_beta1   Liger `LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0, weight_soft_loss=1)` (compiled=True)
-The EOPD runs use the paper defaults (tau=0.8, top-k 16, alpha=1, clip 0.2) with old log-probs given.
+Methods (same inputs: student/teacher final hidden states and lm_head weights, N completion tokens), in groups;
+each row's ratios are against its group's reference (the `ref` column):
+  EOPD (reference plain_eopd; paper defaults tau=0.8, top-k 16, alpha=1, clip 0.2, old log-probs given)
+    plain_eopd        `entropy_aware_opd_loss` on full logits (hidden @ W^T built by the caller, as a trainer does)
+    fused_eopd        `fused_entropy_aware_opd_loss` (chunked, eager)
+    fused_eopd_compiled  the same with compiled=True
+    trl_gkd_beta1     TRL `GKDTrainer.generalized_jsd_loss(beta=1)` on full logits
+    liger_jsd_beta1   Liger `LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0, weight_soft_loss=1)` (compiled=True)
+  EOPD's sampled-token (OPD) term alone, the part Liger's PPO base can compute (reference fused_opd):
+    fused_opd         `fused_entropy_aware_opd_loss(tau=inf)`: the PPO-clipped OPD term, our chunked kernel
+    liger_opd         the same term from Liger's selective log-prob (`fused_linear_ppo._ChunkedSelectiveLogProbFunction`,
+                      streams log pi(y_t) over vocabulary chunks, recomputes the logits in backward) for the student
+                      and (no grad) the teacher
+  SD-Zero top-k KL (reference plain_topk; k=64, mixed, w=0.5) -- the `loss_implementation` switch
+    plain_topk        `topk_distillation_loss` on full logits
+    fused_topk        `fused_topk_distillation_loss` (native chunked, eager): loss_implementation="native"
+    liger_topk        `liger_topk_distillation_loss` (on Liger's LigerFusedLinearDistillationBase, eager):
+                      loss_implementation="liger"
 
 Every (method, N) runs in a fresh subprocess so one method's allocations cannot influence another's.
 Peak memory is "above the inputs": the increase of the peak over the memory held just before the measured
@@ -39,13 +50,22 @@ import sys
 import time
 from _report import write_report  # benchmarks/ is on sys.path when a script runs
 
-METHODS = ("plain_eopd", "fused_eopd", "fused_eopd_compiled", "trl_gkd_beta1", "liger_jsd_beta1")
+METHODS = ("plain_eopd", "fused_eopd", "fused_eopd_compiled", "trl_gkd_beta1", "liger_jsd_beta1", "fused_opd",
+           "liger_opd", "plain_topk", "fused_topk", "liger_topk")
+# Each method's ratios are against this reference, measured in the same run.
+REFERENCE = {"fused_opd": "fused_opd", "liger_opd": "fused_opd", "plain_topk": "plain_topk",
+             "fused_topk": "plain_topk", "liger_topk": "plain_topk"}
 DEFAULTS = {
     "cpu": dict(sizes=[2048], hidden_student=1024, hidden_teacher=1024, vocab=32768, dtype="float32", chunk_size=256),
     "cuda": dict(sizes=[4096, 16384, 32768], hidden_student=2048, hidden_teacher=4096, vocab=151936, dtype="bfloat16",
                  chunk_size=1024),
 }
 EOPD_OPTIONS = dict(tau=0.8, alpha=1.0, top_k=16, clip_eps=0.2, temperature=1.0)
+TOPK_OPTIONS = dict(kl_type="mixed", mixed_kl_weight=0.5, top_k=64, temperature=1.0)
+
+
+def reference_of(method: str) -> str:
+    return REFERENCE.get(method, "plain_eopd")
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -110,8 +130,59 @@ def _make_step(torch, method, x, args):
         def step():
             return loss_fn(x["student_hidden"][0], x["student_weight"], x["teacher_hidden"][0], x["teacher_weight"],
                            x["ids"][0])
+    elif method == "fused_opd":
+        def step():
+            return fused_entropy_aware_opd_loss(
+                x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["ids"],
+                x["mask"], x["old"], chunk_size=args.chunk_size, **{**EOPD_OPTIONS, "tau": float("inf")})
+    elif method == "liger_opd":
+        step = _liger_opd_step(torch, x, clip_eps=EOPD_OPTIONS["clip_eps"])
+    elif method in ("plain_topk", "fused_topk", "liger_topk"):
+        step = _topk_step(torch, method, x, args)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return step
+
+
+def _liger_opd_step(torch, x, clip_eps):
+    """EOPD's OPD term, max(-A r, -A clip(r, 1-eps, 1+eps)) with A = log pi_T(y) - log pi_old(y) and
+    r = pi_theta(y) / pi_old(y), token-mean, with both log-probs from Liger's vocabulary-streaming selective
+    log-prob (written here on log-probs for this peer; the library's one copy is `eopd_token_terms`)."""
+    from liger_kernel.chunked_loss.fused_linear_ppo import (
+        _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE,
+        _ChunkedSelectiveLogProbFunction,
+    )
+
+    ids, old = x["ids"][0], x["old"][0].float()
+
+    def step():
+        with torch.no_grad():
+            teacher_logp = _ChunkedSelectiveLogProbFunction.apply(
+                x["teacher_hidden"][0], x["teacher_weight"], ids, None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
+        logp = _ChunkedSelectiveLogProbFunction.apply(
+            x["student_hidden"][0], x["student_weight"], ids, None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
+        advantage = teacher_logp - old
+        ratio = torch.exp(logp - old)
+        return torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_eps, 1 + clip_eps)).mean()
+
+    return step
+
+
+def _topk_step(torch, method, x, args):
+    from trl_sdx.losses import fused_topk_distillation_loss, liger_topk_distillation_loss, topk_distillation_loss
+
+    if method == "plain_topk":
+        def step():
+            student_logits = x["student_hidden"] @ x["student_weight"].t()
+            with torch.no_grad():
+                teacher_logits = x["teacher_hidden"] @ x["teacher_weight"].t()
+            return topk_distillation_loss(student_logits, teacher_logits, x["mask"], **TOPK_OPTIONS)
+        return step
+    loss_fn = fused_topk_distillation_loss if method == "fused_topk" else liger_topk_distillation_loss
+
+    def step():
+        return loss_fn(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["mask"],
+                       chunk_size=args.chunk_size, **TOPK_OPTIONS)
     return step
 
 
@@ -190,27 +261,29 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# Loss kernels on {cfg['device']} ({report['machine']})",
         "",
+        f"Date: {report.get('date', 'not recorded')}",
+        "",
         f"Command: `{report['command']}`",
         "",
         f"Student hidden {cfg['hidden_student']}, teacher hidden {cfg['hidden_teacher']}, vocab {cfg['vocab']}, "
         f"{cfg['dtype']}, chunk size {cfg['chunk_size']}, torch threads {cfg['threads'] or 'default'}; "
         f"loss + backward; median of {cfg['repeats']} runs after "
         f"{cfg['warmups']} warm-ups; peak memory above the inputs ({report['memory_method']}). "
-        "Ratios are relative to plain_eopd at the same N. CPU ms is the process CPU time (all threads); "
+        "Ratios are relative to the `ref` method at the same N (module docstring). CPU ms is the process CPU time (all threads); "
         "`load avg` is the host's 1-minute load average when the method finished.",
         "",
-        "| N | method | wall ms | CPU ms | peak MiB | wall / plain | CPU / plain | memory / plain | load avg | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | method | ref | wall ms | CPU ms | peak MiB | wall / ref | CPU / ref | memory / ref | load avg | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for row in report["results"]:
         if "error" in row:
-            lines.append(f"| {row['n']} | {row['method']} | error: {row['error']} | | | | | | | |")
+            lines.append(f"| {row['n']} | {row['method']} | | error: {row['error']} | | | | | | | |")
             continue
         lines.append(
-            f"| {row['n']} | {row['method']} | {row['median_ms']:.0f} | {row['median_cpu_ms']:.0f} | "
-            f"{row['peak_mib']:.0f} | {row.get('time_vs_plain', nan):.2f} | {row.get('cpu_time_vs_plain', nan):.2f} | "
-            f"{row.get('memory_vs_plain', nan):.3f} | {row['load_avg_1min']:.1f} | {row['loss']:.4f} |"
+            f"| {row['n']} | {row['method']} | {reference_of(row['method'])} | {row['median_ms']:.0f} | {row['median_cpu_ms']:.0f} | "
+            f"{row['peak_mib']:.0f} | {row.get('time_vs_ref', nan):.2f} | {row.get('cpu_time_vs_ref', nan):.2f} | "
+            f"{row.get('memory_vs_ref', nan):.3f} | {row['load_avg_1min']:.1f} | {row['loss']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -249,12 +322,13 @@ def main(argv=None):
     results = []
     for n in args.sizes:
         rows = [run_one(args, method, n) for method in args.methods]
-        plain = next((r for r in rows if r["method"] == "plain_eopd" and "error" not in r), None)
+        ok = {r["method"]: r for r in rows if "error" not in r}
         for row in rows:
-            if plain is not None and "error" not in row:
-                row["time_vs_plain"] = row["median_ms"] / plain["median_ms"]
-                row["cpu_time_vs_plain"] = row["median_cpu_ms"] / plain["median_cpu_ms"]
-                row["memory_vs_plain"] = row["peak_mib"] / plain["peak_mib"]
+            ref = ok.get(reference_of(row["method"]))
+            if ref is not None and "error" not in row:
+                row["time_vs_ref"] = row["median_ms"] / ref["median_ms"]
+                row["cpu_time_vs_ref"] = row["median_cpu_ms"] / ref["median_cpu_ms"]
+                row["memory_vs_ref"] = row["peak_mib"] / ref["peak_mib"]
             print(json.dumps(row), flush=True)
         results.extend(rows)
     import torch
@@ -267,6 +341,8 @@ def main(argv=None):
         "config": {k: getattr(args, k) for k in ("device", "sizes", "hidden_student", "hidden_teacher", "vocab",
                                                   "dtype", "chunk_size", "repeats", "warmups", "threads")},
         "eopd_options": EOPD_OPTIONS,
+        "topk_options": TOPK_OPTIONS,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": results,
     }
     write_report(report, args.out, args.markdown, to_markdown)

@@ -30,6 +30,7 @@ from trl.trainer.utils import (
     split_tensor_dict,
 )
 
+from ..liger import apply_liger_kernel_to_models, prepare_liger_kernel
 from ..lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from ..losses import entropy_aware_opd_loss
 from ..losses.fused import fused_entropy_aware_opd_loss
@@ -129,6 +130,7 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
                 "`teacher_model` is the student object itself; the teacher is frozen, so that would freeze the "
                 "student too. Pass a separate copy (`copy.deepcopy(model)`) or load the teacher again."
             )
+        prepare_liger_kernel(args)  # `use_liger_kernel`: fails here without CUDA, not in Triton
         if isinstance(processing_class, ProcessorMixin):
             raise ValueError(
                 "`processing_class` is a multimodal processor; EntropyAwareGKDTrainer supports text-only models. "
@@ -174,6 +176,7 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         check_same_vocab(unwrapped_student, unwrapped_teacher, self._tokenizer, teacher_processing_class)
         # Only the student (or its adapters) trains; the teacher is a fixed target.
         unwrapped_teacher.requires_grad_(False)
+        apply_liger_kernel_to_models(args, unwrapped_student, unwrapped_teacher)  # Liger's model kernels
         if args.use_fused_loss:
             post = logit_postprocessing(unwrapped_student) + logit_postprocessing(unwrapped_teacher)
             if post:

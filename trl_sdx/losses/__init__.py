@@ -14,6 +14,7 @@ from .teacher_targets import (
     token_logprobs_from_logits,
 )
 from .topk_kl import topk_distillation_loss, topk_kl_token_terms
+from .topk_kl_liger import LigerFusedLinearTopKKLFunction, liger_topk_distillation_loss
 
 __all__ = [
     "TeacherTargets",
@@ -23,6 +24,8 @@ __all__ = [
     "fused_entropy_aware_opd_loss",
     "fused_eopd_loss_from_targets",
     "fused_topk_distillation_loss",
+    "liger_topk_distillation_loss",
+    "LigerFusedLinearTopKKLFunction",
     "score_teacher_targets",
     "teacher_row_targets",
     "teacher_targets_from_logits",

@@ -136,6 +136,16 @@ class SDZeroConfig(DistillationConfig):
             "choices": ["auto", "liger", "native"],
         },
     )
+    loss_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Chunked kernel of the fused top-k KL: 'native' (trl_sdx.losses.fused_topk_distillation_loss), "
+            "'liger' (the same loss on Liger's LigerFusedLinearDistillationBase, eager) or 'auto' (the one measured "
+            "faster on this device type in benchmarks/loss_kernels.py: native on CPU; native on CUDA until measured). "
+            "Same value and gradients. Only used with use_fused_loss=True.",
+            "choices": ["auto", "liger", "native"],
+        },
+    )
 
     def __post_init__(self):
         resolve_device_defaults(self)  # bf16 only where supported; current checkpointing name
@@ -154,6 +164,10 @@ class SDZeroConfig(DistillationConfig):
             raise ValueError(f"`teacher_max_length` must be positive or None, got {self.teacher_max_length}.")
         if self.loss_chunk_size <= 0:
             raise ValueError(f"`loss_chunk_size` must be positive, got {self.loss_chunk_size}.")
+        if self.loss_implementation not in ("auto", "liger", "native"):
+            raise ValueError(
+                f"`loss_implementation` must be 'auto', 'liger' or 'native', got {self.loss_implementation!r}."
+            )
         if self.loss_implementation not in ("auto", "liger", "native"):
             raise ValueError(
                 f"`loss_implementation` must be 'auto', 'liger' or 'native', got {self.loss_implementation!r}."

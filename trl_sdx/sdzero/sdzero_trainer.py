@@ -24,8 +24,9 @@ from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
+from trl_sdx.liger import apply_liger_kernel_to_models, prepare_liger_kernel, resolve_loss_implementation
 from trl_sdx.lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
-from trl_sdx.losses import fused_topk_distillation_loss, topk_distillation_loss
+from trl_sdx.losses import fused_topk_distillation_loss, liger_topk_distillation_loss, topk_distillation_loss
 from trl_sdx.models import resolve_model_name_or_path
 from trl_sdx.sdzero.rewards import binary_reward, resolve_reward_funcs, score_completions
 from trl_sdx.sdzero.sdzero_config import SDZeroConfig
@@ -138,6 +139,7 @@ class SDZeroTrainer(DistillationTrainer):
             args = SDZeroConfig(f"{str(name).split('/')[-1]}-SDZero")
         if not isinstance(args, SDZeroConfig):
             raise ValueError(f"`args` must be an `SDZeroConfig`, got {type(args).__name__}.")
+        prepare_liger_kernel(args)  # `use_liger_kernel`: fails here without CUDA, not in Triton
         if args.remove_unused_columns:
             raise ValueError(
                 "`remove_unused_columns=True` would drop the dataset columns the reward functions read (e.g. "
@@ -207,6 +209,8 @@ class SDZeroTrainer(DistillationTrainer):
             teacher_unwrapped = self.accelerator.unwrap_model(self.teacher_model)
             check_same_vocab(self.accelerator.unwrap_model(self.model), teacher_unwrapped)
         self._teacher_forward_keys = _forward_keys(teacher_unwrapped)
+        apply_liger_kernel_to_models(args, self.accelerator.unwrap_model(self.model), teacher_unwrapped)
+        self.loss_implementation = resolve_loss_implementation(args.loss_implementation, self.accelerator.device)
 
         # P_r tokenised once; chosen per sample by r (spec: "\n\n" + P_r + "\n\n", token-level concatenation).
         self._delimiter_ids = {
@@ -342,10 +346,10 @@ class SDZeroTrainer(DistillationTrainer):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         unwrapped = self.accelerator.unwrap_model(model)
         # Through the wrapper's forward so DDP/FSDP hooks fire (DistillationTrainer's `_forward_redirection`).
-        loss, per_token_loss = self._forward_redirection(
+        loss, kl_terms = self._forward_redirection(
             model, unwrapped, self._sdzero_loss, unwrapped, inputs, num_items
         )
-        self._log_kl_by_reward(per_token_loss, inputs)
+        self._log_kl_by_reward(kl_terms, inputs)
         return loss
 
     def _sdzero_loss(self, student, inputs, num_items):
@@ -365,7 +369,11 @@ class SDZeroTrainer(DistillationTrainer):
             teacher_unwrapped = self._teacher_unwrapped(student)
             with gathered_lm_heads(student, teacher_unwrapped) as [(s_weight, s_bias), (t_weight, t_bias)]:
                 device = s_weight.device
-                loss, stats = fused_topk_distillation_loss(
+                if self.loss_implementation == "liger":  # one Liger call per reward: per-reward KL sums
+                    fused_loss, options["groups"] = liger_topk_distillation_loss, inputs["sdzero_rewards"]
+                else:
+                    fused_loss = fused_topk_distillation_loss
+                loss, stats = fused_loss(
                     student_hidden.to(device), s_weight, teacher_hidden.to(device), t_weight.to(device),
                     loss_mask.to(device), student_bias=s_bias, teacher_bias=t_bias,
                     chunk_size=self.args.loss_chunk_size, **options,
@@ -383,7 +391,8 @@ class SDZeroTrainer(DistillationTrainer):
                                                  loss_mask.to(student_logits.device), **options)
         if num_items is not None:  # token-mean of this micro-batch -> its share of the generation-batch token-mean
             loss = loss * loss_mask.sum() / num_items
-        return loss, stats["per_token_loss"]
+        # per-token loss [B, T]; the Liger kernel gives per-reward (sum, count) instead
+        return loss, stats.get("per_token_loss", stats)
 
     def _teacher_unwrapped(self, student):
         return student if self.teacher_mode == "disable_adapter" else self.accelerator.unwrap_model(self.teacher_model)
@@ -402,6 +411,9 @@ class SDZeroTrainer(DistillationTrainer):
     def _log_kl_by_reward(self, per_token_loss, inputs) -> None:
         """Teacher-student KL (the per-token loss) on r = 1 and r = 0 samples separately, token-averaged."""
         mode = "train" if self.model.training else "eval"
+        if isinstance(per_token_loss, dict):  # Liger kernel: one (loss sum, token count) per reward value
+            self._log_kl_from_group_sums(per_token_loss, mode)
+            return
         mask = inputs["loss_mask"].to(per_token_loss.dtype)
         rewards = inputs["sdzero_rewards"].to(per_token_loss.device)
         groups = (("sdzero/kl", torch.ones_like(rewards)), ("sdzero/kl_correct", rewards),
@@ -410,4 +422,13 @@ class SDZeroTrainer(DistillationTrainer):
             rows = mask * selected.unsqueeze(1)
             total = self.accelerator.gather((per_token_loss * rows).sum()).sum()
             count = self.accelerator.gather(rows.sum()).sum()
+            self._metrics[mode][name].append((total / count).item() if count > 0 else float("nan"))
+
+    def _log_kl_from_group_sums(self, stats, mode) -> None:
+        values, sums, counts = stats["group_values"], stats["group_loss_sums"], stats["group_token_counts"]
+        groups = (("sdzero/kl", torch.ones_like(values, dtype=torch.bool)), ("sdzero/kl_correct", values == 1),
+                  ("sdzero/kl_incorrect", values == 0))
+        for name, selected in groups:
+            total = self.accelerator.gather(sums[selected].sum()).sum()
+            count = self.accelerator.gather(counts[selected].sum()).sum()
             self._metrics[mode][name].append((total / count).item() if count > 0 else float("nan"))
