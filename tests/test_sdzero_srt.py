@@ -1,4 +1,5 @@
-"""SD-Zero Phase 1 (SRT): the SFT datasets' exact strings, collection + both SFT stages end to end, resume, CLI."""
+"""SD-Zero Phase 1 (SRT) end to end on a tiny model: collection + both SFT stages, resume, long rows, the saved
+control phrases, CLI. The data rules themselves are tested on hand-built tuples in test_sdzero_srt_data.py."""
 
 import json
 import textwrap
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from trl_sdx.cli import main as cli_main
 from trl_sdx.data import make_arithmetic_dataset
-from trl_sdx.sdzero.srt import DONE_MARKER, SRTConfig, build_srt_sft_datasets, run_srt
+from trl_sdx.sdzero.srt import DONE_MARKER, SRTConfig, run_srt
 from trl_sdx.testing import make_tiny_model, make_tiny_tokenizer
 
 X = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
@@ -19,26 +20,6 @@ X = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wh
 def parity_reward(completions, answer, **kwargs):
     """Correctness a random tiny model can reach (about half of the answers), through the real grading path."""
     return [float(len(c[0]["content"]) % 2) for c in completions]
-
-
-def test_sft_datasets_follow_the_spec_exactly():
-    revisions = Dataset.from_list([
-        {"prompt": X, "answer": "5", "y_init": "It is 6.", "init_reward": 0,
-         "control_phrase": "Wait, this response is wrong. Let me correct it.", "y_revised": "2 + 3 = 5. \\boxed{5}"},
-    ])
-    out = build_srt_sft_datasets(revisions)
-    generation, revision = out["generation"][0], out["revision"][0]
-    assert generation["prompt"] == X
-    assert generation["completion"] == [{"role": "assistant", "content": "It is 6.\n\nWait, this response is wrong. "
-                                         "Let me correct it.\n\n2 + 3 = 5. \\boxed{5}"}]
-    assert revision["prompt"] == [X[0], {"role": "user", "content": "What is 2 + 3?\n\nIt is 6.\n\nWait, this "
-                                         "response is wrong. Let me correct it."}]
-    assert revision["completion"] == [{"role": "assistant", "content": "2 + 3 = 5. \\boxed{5}"}]
-
-    plain = Dataset.from_list([{"prompt": "Q?", "y_init": "a", "control_phrase": "P", "y_revised": "b"}])
-    out = build_srt_sft_datasets(plain)
-    assert out["generation"][0] == {"prompt": "Q?", "completion": "a\n\nP\n\nb"}
-    assert out["revision"][0] == {"prompt": "Q?\n\na\n\nP", "completion": "b"}
 
 
 class RecordStart(TrainerCallback):
@@ -54,8 +35,8 @@ class RecordStart(TrainerCallback):
 def _config(tmp_path, **overrides):
     kwargs = dict(output_dir=str(tmp_path / "srt"), num_train_epochs=1, per_device_train_batch_size=4, bf16=False,
                   use_cpu=True, report_to="none", save_strategy="no", init_max_new_tokens=6,
-                  revision_max_new_tokens=6, num_revisions=2, revise_correct=True, max_length=160,
-                  learning_rate=1e-3, seed=0)
+                  revision_max_new_tokens=6, num_init_samples=1, num_revisions=2, revise_correct=True,
+                  stage2_size=2, max_revisions=None, learning_rate=1e-3, warmup_steps=0, seed=0, disable_tqdm=True)
     kwargs.update(overrides)
     return SRTConfig(**kwargs)
 
@@ -89,6 +70,12 @@ def test_phase1_collects_revisions_and_runs_both_stages(tmp_path, monkeypatch):
     assert not torch.equal(recorder.starts[1], initial)
     for stage in ("stage1_generation", "stage2_revision"):
         assert (root / stage / DONE_MARKER).is_file() and (root / stage / "config.json").is_file()
+        # the control phrases travel with theta_SRT, for Phase 2
+        assert json.loads((root / stage / "sdzero_control_phrases.json").read_text()) == {
+            "correct_phrase": config.correct_phrase, "incorrect_phrase": config.incorrect_phrase}
+    split = json.loads((root / "revisions" / "sft_split.json").read_text())
+    assert split["stage2_revision"] == 2 and split["stage1_generation"] == json.loads(
+        (root / "stage1_generation" / DONE_MARKER).read_text())["examples"]
 
     # rerun: everything is finished, nothing is sampled or trained again
     monkeypatch.setattr("trl_sdx.sdzero.srt.collect_revisions", lambda *a, **k: pytest.fail("re-collected"))
@@ -138,8 +125,8 @@ def test_srt_cli_runs_offline_with_a_reward_import_path(tmp_path, monkeypatch):
         "--model_name_or_path", student, "--dataset_name", "synthetic-arithmetic", "--synthetic_num_prompts", "4",
         "--reward_funcs", "my_rewards.parity", "--output_dir", str(out), "--num_train_epochs", "1",
         "--per_device_train_batch_size", "4", "--init_max_new_tokens", "6", "--revision_max_new_tokens", "6",
-        "--num_revisions", "2", "--revise_correct", "--bf16", "false", "--use_cpu", "--report_to", "none",
-        "--save_strategy", "no", "--max_length", "160", "--srt_stages", "generation",
+        "--num_revisions", "2", "--revise_correct", "--warmup_steps", "0", "--bf16", "false", "--use_cpu", "--report_to", "none",
+        "--save_strategy", "no", "--stage2_size", "1", "--srt_stages", "generation", "--disable_tqdm", "true",
     ])
     sdzero_srt.main(*args)
     assert (out / "stage1_generation" / DONE_MARKER).is_file()
@@ -181,3 +168,37 @@ def test_sdzero_cli_runs_offline(tmp_path):
     assert args[1].teacher_mode == "auto"
     sdzero.main(*args)
     assert (out / "model.safetensors").is_file()
+
+
+class RecordRowLengths(TrainerCallback):
+    def __init__(self):
+        self.lengths = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.lengths = sorted(len(ids) for ids in train_dataloader.dataset["input_ids"])
+
+
+@pytest.mark.parametrize("policy", ["drop", "error"])
+def test_rows_longer_than_max_length_are_dropped_with_a_count_or_raise(tmp_path, policy):
+    from trl_sdx.sdzero.srt import _run_stage
+
+    tokenizer = make_tiny_tokenizer()
+    user = [{"role": "user", "content": "What is 2 + 3?"}]
+    completions = ["It is 5.", "Two plus three is five, so the answer is 5. " * 3, "long " * 200]
+    rows = [{"prompt": user, "completion": [{"role": "assistant", "content": c}]} for c in completions]
+    full = sorted(len(tokenizer.apply_chat_template(user + r["completion"], tokenize=True, return_dict=True)["input_ids"])
+                  for r in rows)
+    config = _config(tmp_path, max_length=full[1], long_rows=policy, max_steps=1)  # the longest row does not fit
+    stage_dir = tmp_path / "stage"
+    if policy == "error":
+        with pytest.raises(ValueError, match="1 of 3 rows are longer than `max_length`"):
+            _run_stage(make_tiny_model(tokenizer), tokenizer, Dataset.from_list(rows), config, "generation",
+                       stage_dir, None, None)
+        return
+    recorder = RecordRowLengths()
+    _run_stage(make_tiny_model(tokenizer), tokenizer, Dataset.from_list(rows), config, "generation", stage_dir,
+               None, [recorder])
+    marker = json.loads((stage_dir / DONE_MARKER).read_text())
+    assert marker == {"examples": 3, "dropped_too_long": 1, "trained_on": 2}
+    # the rows that fit are trained whole, never cut (SFT's own max_length would have truncated silently)
+    assert [n - full[0] for n in recorder.lengths] in ([0, full[1] - full[0]], [1, full[1] - full[0] + 1])

@@ -9,17 +9,23 @@ from typing import Any
 
 import torch
 
-from trl_sdx.rewards import boxed_answer_reward
+from trl_sdx.rewards import boxed_answer_reward, math_verify_reward
+
+# The released code's answer checks (spec, "Answer check"): Phase 1 grades the last \boxed{} by math equivalence,
+# Phase 2 runs math-verify against "\boxed{" + answer + "}". Neither credits an unboxed answer.
+PHASE1_DEFAULT_REWARD = boxed_answer_reward
+PHASE2_DEFAULT_REWARD = math_verify_reward
 
 
-def resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str], bool]:
-    """(functions, names, uses_default). None -> `boxed_answer_reward` against the dataset's `answer` column.
+def resolve_reward_funcs(reward_funcs, default: Callable = PHASE2_DEFAULT_REWARD
+                         ) -> tuple[list[Callable], list[str], bool]:
+    """(functions, names, uses_default). None -> `default` (a strict check against the dataset's `answer` column).
 
     Entries may be callables or "module.function" / "module:function" import paths (what the CLI passes).
     SD-Zero needs a verifiable 0/1 signal, so reward *models* are not accepted.
     """
     if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and len(reward_funcs) == 0):
-        return [boxed_answer_reward], ["boxed_answer_reward"], True
+        return [default], [default.__name__], True
     if not isinstance(reward_funcs, (list, tuple)):
         reward_funcs = [reward_funcs]
     funcs, names = [], []

@@ -11,6 +11,7 @@ Two layouts, both hard copies (no EMA):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -139,3 +140,47 @@ class TeacherSyncCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.every > 0 and state.global_step > 0 and state.global_step % self.every == 0:
             self.sync()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving and restoring the teacher: a sync changes weights that the standard checkpoint does not hold
+# --------------------------------------------------------------------------------------------------------------------
+TEACHER_STATE_FILE = "sdzero_teacher.pt"
+
+
+def _teacher_parameters(module, teacher_mode: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters a sync writes: the whole separate teacher, or (adapter-disabled teacher) the base weights
+    `merge_and_reset_lora` folds into, which a PEFT checkpoint (adapter only) leaves out."""
+    params = dict(module.named_parameters())
+    if teacher_mode != "disable_adapter":
+        return params
+    return {name: p for name, p in params.items() if ".base_layer." in name or ".original_module." in name}
+
+
+def save_teacher_state(module, directory: str, teacher_mode: str) -> str:
+    """Write the teacher's synced weights to `directory/sdzero_teacher.pt`; returns the file.
+
+    With the adapter-disabled teacher these are also the base weights the saved adapter applies to once a sync has
+    happened: the student is this base + the adapter, no longer theta_SRT + the adapter.
+    """
+    path = os.path.join(directory, TEACHER_STATE_FILE)
+    os.makedirs(directory, exist_ok=True)
+    torch.save({name: p.detach().cpu().clone() for name, p in _teacher_parameters(module, teacher_mode).items()}, path)
+    return path
+
+
+@torch.no_grad()
+def load_teacher_state(module, directory: str, teacher_mode: str) -> bool:
+    """Restore `save_teacher_state`'s weights into `module` (the teacher, or the PEFT student for the adapter-disabled
+    teacher). Returns False when `directory` holds none (a run saved before any sync support)."""
+    path = os.path.join(directory, TEACHER_STATE_FILE)
+    if not os.path.isfile(path):
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = _teacher_parameters(module, teacher_mode)
+    if set(state) != set(params):
+        raise ValueError(f"{path} does not match the teacher's parameters (e.g. "
+                         f"{sorted(set(state) ^ set(params))[:3]}); it was saved by another model or teacher_mode.")
+    for name, tensor in state.items():
+        params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+    return True
