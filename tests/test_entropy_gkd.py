@@ -10,11 +10,14 @@ import pytest
 import torch
 from datasets import Dataset
 
+from test_losses_eopd import reference_eopd
 from trl_sdx.entropy_gkd import EntropyAwareGKDConfig, EntropyAwareGKDTrainer
+from trl_sdx.entropy_gkd.entropy_gkd_trainer import METRIC_NAMES
 from trl_sdx.testing import make_student_teacher, make_tiny_model, make_tiny_tokenizer, save_tiny_pair
 
-EOPD_METRICS = ("eopd/teacher_entropy", "eopd/gate_fraction", "eopd/fkl_gated", "eopd/rkl_estimate",
-                "eopd/clip_fraction", "entropy")
+EOPD_METRICS = ("eopd/teacher_entropy", "eopd/gate_fraction", "eopd/fkl_gated", "eopd/teacher_entropy_gated",
+                "eopd/rkl_estimate", "eopd/ppo_kl", "eopd/clip_fraction", "eopd/clip_fraction_lower",
+                "eopd/clip_active_fraction", "entropy")
 
 
 def prompts(n: int) -> Dataset:
@@ -51,7 +54,12 @@ def snapshot(model) -> dict:
 def test_config_defaults_are_the_papers(tmp_path):
     args = config(tmp_path)
     assert (args.tau, args.alpha, args.fkl_top_k, args.clip_eps, args.rkl_estimator) == (0.8, 1.0, 16, 0.2, "sampled")
-    assert args.use_fused_loss and args.loss_chunk_size == 1024 and args.num_iterations == 1
+    assert args.use_fused_loss and args.loss_chunk_size is None and args.num_iterations == 1
+    # The fast (compiled) loss is the default wherever it pays: on CUDA, not on this CPU.
+    assert args.loss_compiled == "auto"
+    assert args.resolve_loss_compiled("cuda:0") and not args.resolve_loss_compiled("cpu")
+    assert config(tmp_path, loss_compiled=True).resolve_loss_compiled("cpu")
+    assert not config(tmp_path, loss_compiled="false").resolve_loss_compiled("cuda")
     # Default: one optimizer step per rollout, DistillationTrainer's rollout size.
     assert args.steps_per_generation == args.gradient_accumulation_steps == 1
     assert args.generation_batch_size == 2 and args.optimizer_steps_per_rollout == 1
@@ -77,6 +85,7 @@ def test_config_options(tmp_path):
         ({"rkl_estimator": "exact"}, "rkl_estimator"),
         ({"num_iterations": 0}, "num_iterations"),
         ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"loss_compiled": "sometimes"}, "loss_compiled"),
         ({"steps_per_generation": 3, "gradient_accumulation_steps": 2}, "steps_per_generation"),
         ({"generation_batch_size": 5}, "generation_batch_size"),
         ({"generation_batch_size": 8, "steps_per_generation": 4}, "generation_batch_size"),
@@ -271,40 +280,103 @@ def _fixed_batch(tokenizer, vocab_size: int, seed: int = 0) -> dict:
             "num_items_in_batch": completion_mask.sum()}
 
 
-@pytest.mark.parametrize("rkl_estimator", ["sampled", "full"])
-def test_fused_and_plain_paths_agree(tmp_path, rkl_estimator):
+def _reference_loss(trainer, batch):
+    """The spec's loss on this batch computed independently: both models' full logits, the per-token Python
+    reference of tests/test_losses_eopd.py (teacher computed inside it), re-weighted as `compute_loss` does."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    t = batch["completion_ids"].size(1)
+    student_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -t - 1 : -1]
+    with torch.no_grad():
+        teacher_logits = trainer.teacher_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -t - 1 : -1]
+    args = trainer.args
+    loss, stats = reference_eopd(student_logits.double(), teacher_logits.double(), batch["completion_ids"],
+                                 batch["completion_mask"], batch.get("old_logprobs"), tau=args.tau, alpha=args.alpha,
+                                 top_k=args.fkl_top_k, clip_eps=args.clip_eps, temperature=trainer.temperature,
+                                 rkl_estimator=args.rkl_estimator)
+    return loss.float(), stats
+
+
+@pytest.mark.parametrize("fused, rkl_estimator", [(True, "sampled"), (False, "sampled"), (True, "full")],
+                         ids=["fused", "plain", "fused_rkl_full"])
+def test_loss_and_gradients_match_the_teacher_in_the_loss_reference(tmp_path, fused, rkl_estimator):
+    """The default path (teacher scored once at rollout time, the loss step runs the student alone) gives the
+    value, gradients and metrics of the spec's loss with the teacher computed in the loss, from full logits.
+    The full-distribution variant (teacher still in the loss step) is held to the same reference."""
     tokenizer, student, teacher = pair(teacher_scale=30.0)
-    trainers = {}
-    for fused in (True, False):
-        # The sharpened teacher's entropies on this batch span ~0.1-2.5 nats: the paper's tau=0.8 gates some tokens.
-        args = config(tmp_path, use_fused_loss=fused, steps_per_generation=2, rkl_estimator=rkl_estimator)
-        trainers[fused] = EntropyAwareGKDTrainer(copy.deepcopy(student), teacher, args=args,
-                                                 train_dataset=prompts(4), processing_class=tokenizer)
+    # The sharpened teacher's entropies on this batch span ~0.1-2.5 nats: the paper's tau=0.8 gates some tokens.
+    args = config(tmp_path, use_fused_loss=fused, steps_per_generation=2, rkl_estimator=rkl_estimator, temperature=0.9)
+    trainer = EntropyAwareGKDTrainer(student, teacher, args=args, train_dataset=prompts(4), processing_class=tokenizer)
     batch = _fixed_batch(tokenizer, len(tokenizer))
-
-    # pi_old as recorded at rollout time: same on both paths.
-    old = {fused: trainer._rollout_logprobs(batch) for fused, trainer in trainers.items()}
-    torch.testing.assert_close(old[True], old[False], atol=1e-5, rtol=1e-5)
+    old = trainer._rollout_logprobs(batch)
+    assert torch.all(old[batch["completion_mask"] == 0] == 0)  # π_old is computed on valid tokens only
     # Pretend the student moved since the rollout, so the ratio and the clip are exercised.
-    batch["old_logprobs"] = old[True] + 0.3 * torch.randn(old[True].shape, generator=torch.Generator().manual_seed(1))
-
-    losses, grads, metrics = {}, {}, {}
-    for fused, trainer in trainers.items():
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, dict(batch))
-        loss.backward()
-        losses[fused] = loss.detach()
-        grads[fused] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        metrics[fused] = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)
-    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 0
-    for name in grads[True]:
-        torch.testing.assert_close(grads[True][name], grads[False][name], atol=1e-5, rtol=1e-4, msg=name)
-    for name in EOPD_METRICS:
-        assert metrics[True][name] == pytest.approx(metrics[False][name], abs=1e-5), name
-    assert 0.0 < metrics[True]["eopd/gate_fraction"] < 1.0
+    batch["old_logprobs"] = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
     if rkl_estimator == "sampled":
-        assert metrics[True]["eopd/clip_fraction"] > 0.0
+        assert trainer._teacher_at_rollout
+        batch.update(trainer._score_teacher(batch).as_inputs())
+        assert batch["teacher_topk_ids"].shape == (*batch["completion_ids"].shape, args.fkl_top_k)
+    else:
+        assert not trainer._teacher_at_rollout
+
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    ref_loss, ref_stats = _reference_loss(trainer, batch)
+    ref_loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    assert len(grads) > 0
+    for name, param in trainer.model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    trainer._flush_loss_stats("train")
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    for key, name in METRIC_NAMES.items():
+        assert metrics[name] == pytest.approx(ref_stats[key], abs=1e-5), name
+    assert 0.0 < metrics["eopd/gate_fraction"] < 1.0
+    if rkl_estimator == "sampled":
+        assert metrics["eopd/clip_fraction"] > metrics["eopd/clip_active_fraction"] > 0.0
+
+
+class TeacherForwardCounter(EntropyAwareGKDTrainer):
+    """Counts the teacher's backbone forwards, and at every loss step how many have happened so far."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher_forwards, self.forwards_at_loss, self.rollouts = 0, [], 0
+        self.accelerator.unwrap_model(self.teacher_model).model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.teacher_forwards += 1
+
+    def _generate_and_score_completions(self, inputs):
+        self.rollouts += 1
+        return super()._generate_and_score_completions(inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.forwards_at_loss.append(self.teacher_forwards)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("schedule", [dict(steps_per_generation=2, num_iterations=2),
+                                      dict(gradient_accumulation_steps=2, steps_per_generation=4)],
+                         ids=["num_iterations_2", "grad_accum_2_steps_2"])
+def test_teacher_runs_once_per_rollout(tmp_path, schedule):
+    tokenizer, student, teacher = pair(teacher_scale=30.0)
+    args = config(tmp_path, max_steps=2 if "gradient_accumulation_steps" in schedule else 4, **schedule)
+    assert args.optimizer_steps_per_rollout in (2, 4) and args.steps_per_generation * args.num_iterations == 4
+    trainer = TeacherForwardCounter(student, teacher, args=args, train_dataset=prompts(8),
+                                    processing_class=tokenizer)
+    trainer.train()
+    # One rollout feeds four micro-batch passes; the teacher scored it once (one forward per micro-batch-sized
+    # slice of the rollout) and never ran in a loss step.
+    assert trainer.rollouts == 1 and len(trainer.forwards_at_loss) == 4
+    slices = args.generation_batch_size // args.per_device_train_batch_size
+    assert trainer.teacher_forwards == slices
+    assert trainer.forwards_at_loss == [slices] * 4
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from trl import DistillationConfig
 
 from ..precision import resolve_device_defaults
@@ -123,10 +124,21 @@ class EntropyAwareGKDConfig(DistillationConfig):
             "plain loss (same value and gradient; needed for models with logit scaling or soft-capping)."
         },
     )
-    loss_chunk_size: int = field(
-        default=1024,
+    loss_chunk_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Tokens per chunk of the fused loss (memory ~ chunk_size x vocab). Ignored by the plain path."
+            "help": "Tokens per chunk of the fused loss and of the rollout-time teacher/π_old scoring (memory ~ "
+            "chunk_size x vocab). `None` sizes it by the vocabulary so the chunk's temporaries stay within 1 GiB "
+            "(256 rows at Qwen3's 151,936 tokens, 512 at SmolLM2's 49,152). Ignored by the plain path's loss."
+        },
+    )
+    loss_compiled: str = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the fused loss's per-chunk step (chunks padded to a few fixed shapes, so a "
+            "changing token count does not recompile). 'auto' (default): on when training on a CUDA device, off "
+            "elsewhere (compiling on CPU costs more than it saves); 'true' / 'false' force it.",
+            "choices": ["auto", "true", "false"],
         },
     )
 
@@ -147,8 +159,15 @@ class EntropyAwareGKDConfig(DistillationConfig):
             )
         if int(self.num_iterations) != self.num_iterations or self.num_iterations < 1:
             raise ValueError(f"`num_iterations` must be a positive integer, got {self.num_iterations}.")
-        if int(self.loss_chunk_size) != self.loss_chunk_size or self.loss_chunk_size < 1:
-            raise ValueError(f"`loss_chunk_size` must be a positive integer, got {self.loss_chunk_size}.")
+        if self.loss_chunk_size is not None and (
+                int(self.loss_chunk_size) != self.loss_chunk_size or self.loss_chunk_size < 1):
+            raise ValueError(f"`loss_chunk_size` must be a positive integer or None (sized by the vocabulary), got "
+                             f"{self.loss_chunk_size}.")
+        if isinstance(self.loss_compiled, bool):  # Python callers may pass a bool
+            self.loss_compiled = "true" if self.loss_compiled else "false"
+        self.loss_compiled = str(self.loss_compiled).lower()
+        if self.loss_compiled not in ("auto", "true", "false"):
+            raise ValueError(f"`loss_compiled` must be 'auto', 'true' or 'false', got {self.loss_compiled!r}.")
         if self.max_prompt_length is not None and (int(self.max_prompt_length) != self.max_prompt_length
                                                    or self.max_prompt_length < 1):
             raise ValueError(f"`max_prompt_length` must be a positive integer or None, got {self.max_prompt_length}.")
@@ -183,6 +202,12 @@ class EntropyAwareGKDConfig(DistillationConfig):
                 "gradient_accumulation_steps."
             )
         self.generation_batch_size = global_batch * self.steps_per_generation
+
+    def resolve_loss_compiled(self, device) -> bool:
+        """`loss_compiled` for a run on `device`: 'auto' is on exactly when that device is a CUDA GPU."""
+        if self.loss_compiled == "auto":
+            return torch.device(device).type == "cuda"
+        return self.loss_compiled == "true"
 
     @property
     def optimizer_steps_per_rollout(self) -> int:

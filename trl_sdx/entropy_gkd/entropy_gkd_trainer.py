@@ -25,15 +25,25 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
     RepeatSampler,
     repeat_iterable_dataset,
-    selective_log_softmax,
     shuffle_sequence_dict,
     split_tensor_dict,
 )
 
 from ..liger import apply_liger_kernel_to_models, prepare_liger_kernel
 from ..lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
-from ..losses import entropy_aware_opd_loss
-from ..losses.fused import fused_entropy_aware_opd_loss
+from ..losses import (
+    TeacherTargets,
+    entropy_aware_opd_loss,
+    eopd_loss_from_targets,
+    fused_eopd_loss_from_targets,
+    fused_entropy_aware_opd_loss,
+    score_teacher_targets,
+    teacher_targets_from_logits,
+    token_logprobs,
+    token_logprobs_from_logits,
+)
+from ..losses._common import gate_enabled, loss_chunk_size_for_vocab, not_finite_message
+from ..losses.eopd import full_teacher_needed
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
 from .entropy_gkd_config import EntropyAwareGKDConfig
 from .prompt_length import check_prompt_length
@@ -43,14 +53,21 @@ logger = get_logger(__name__)
 
 # Loss statistics -> logged metric names. The student entropy keeps TRL's own key (`entropy`), so dashboards that
 # already plot it for DistillationTrainer/GRPOTrainer keep working.
+# What each means and its counterpart in the official verl code: docs/entropy_gkd.md, "Logged metrics".
 METRIC_NAMES = {
     "teacher_entropy": "eopd/teacher_entropy",
     "gate_fraction": "eopd/gate_fraction",
     "fkl_gated": "eopd/fkl_gated",
+    "teacher_entropy_gated": "eopd/teacher_entropy_gated",
     "rkl_estimate": "eopd/rkl_estimate",
+    "ppo_kl": "eopd/ppo_kl",
     "clip_fraction": "eopd/clip_fraction",
+    "clip_fraction_lower": "eopd/clip_fraction_lower",
+    "clip_active_fraction": "eopd/clip_active_fraction",
     "student_entropy": "entropy",
 }
+# Means over gated tokens: undefined (NaN, skipped by `DistillationTrainer.log`) on a micro-batch with none.
+GATED_METRICS = ("fkl_gated", "teacher_entropy_gated")
 
 def _is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
@@ -189,6 +206,15 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         # π_old differs from the current student only if an optimizer step happens between the rollout and a
         # micro-batch that uses it; otherwise the loss uses the current log-probs, detached (GRPO does the same).
         self._needs_old_logprobs = args.optimizer_steps_per_rollout > 1
+        # The teacher is scored once per rollout into compact targets, unless the objective needs its whole
+        # distribution per token (full-vocabulary forward KL, exact reverse KL): then it runs with each loss step.
+        self._teacher_at_rollout = not full_teacher_needed(args.tau, args.fkl_top_k, args.rkl_estimator)
+        self._loss_chunk_size = args.loss_chunk_size or loss_chunk_size_for_vocab(
+            unwrapped_student.get_output_embeddings().weight.shape[0])
+        self._loss_compiled = args.resolve_loss_compiled(self.accelerator.device)
+        # Loss statistics stay on the device until a logging step reads them (one host sync per log, not per
+        # micro-step): [n_metrics + 1] tensors, the last entry being the inputs-finite flag.
+        self._pending_loss_stats = {"train": [], "eval": []}
 
     @staticmethod
     def _try_load_tokenizer(name_or_path: str, args):
@@ -276,7 +302,44 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         check_fits_context(longest_prompt, self.args.max_completion_length, self.accelerator.unwrap_model(self.model))
         if self.model.training and self._needs_old_logprobs:
             output["old_logprobs"] = self._rollout_logprobs(output)
+        if self._teacher_at_rollout:
+            output.update(self._score_teacher(output).as_inputs())
         return output
+
+    def _rollout_parts(self, rollout):
+        """The rollout in slices of `per_device_train_batch_size` rows: one model forward each."""
+        keys = [k for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "tool_mask")
+                if rollout.get(k) is not None]
+        batch_size = self.args.per_device_train_batch_size
+        for start in range(0, rollout["completion_ids"].size(0), batch_size):
+            yield {k: rollout[k][start : start + batch_size] for k in keys}
+
+    @torch.no_grad()
+    def _score_teacher(self, rollout) -> TeacherTargets:
+        """The teacher's per-token targets of a whole rollout (entropy, log π_T(y_t), top-k ids and renormalised
+        log-probs, at the loss temperature), one teacher forward per slice: stored with the rollout, so every
+        micro-batch pass and optimizer step on it runs the student alone."""
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        pieces = [
+            self._forward_redirection(self.teacher_model, unwrapped_teacher, self._teacher_targets, unwrapped_teacher,
+                                      part)
+            for part in self._rollout_parts(rollout)
+        ]
+        return TeacherTargets(*(None if field[0] is None else torch.cat(field) for field in zip(*pieces)))
+
+    def _teacher_targets(self, unwrapped_teacher, inputs) -> TeacherTargets:
+        top_k = self.args.fkl_top_k if gate_enabled(self.args.tau) else None
+        ids, mask = inputs["completion_ids"], self._loss_mask(inputs)
+        if self.args.use_fused_loss:
+            hidden = self._teacher_hidden_states(unwrapped_teacher, inputs)
+            with gathered_lm_heads(unwrapped_teacher) as [(weight, bias)]:
+                device = weight.device
+                return score_teacher_targets(hidden.to(device), weight, ids.to(device), mask.to(device),
+                                             teacher_bias=bias, top_k=top_k, temperature=self.temperature,
+                                             chunk_size=self._loss_chunk_size)
+        return teacher_targets_from_logits(self._teacher_logits(unwrapped_teacher, inputs), ids, mask, top_k=top_k,
+                                           temperature=self.temperature)
 
     @torch.no_grad()
     def _rollout_logprobs(self, rollout) -> torch.Tensor:
@@ -286,37 +349,24 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         logits for the plain one), so the ratio starts at exactly 1 up to float rounding.
         """
         unwrapped = self.accelerator.unwrap_model(self.model)
-        batch_size = self.args.per_device_train_batch_size
-        pieces = []
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            for start in range(0, rollout["completion_ids"].size(0), batch_size):
-                part = {k: rollout[k][start : start + batch_size] for k in
-                        ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-                pieces.append(
-                    self._forward_redirection(self.model_wrapped, unwrapped, self._student_token_logprobs,
-                                              unwrapped, part)
-                )
+            pieces = [
+                self._forward_redirection(self.model_wrapped, unwrapped, self._student_token_logprobs, unwrapped, part)
+                for part in self._rollout_parts(rollout)
+            ]
         return torch.cat(pieces)
 
     def _student_token_logprobs(self, unwrapped_student, inputs) -> torch.Tensor:
-        completion_ids = inputs["completion_ids"]
+        """log π(y_t) on the loss's tokens only (0 on padding), in chunks like the fused loss."""
+        ids, mask = inputs["completion_ids"], self._loss_mask(inputs)
         if self.args.use_fused_loss:
             hidden = self._model_hidden_states(unwrapped_student, inputs)
-            out = torch.empty(completion_ids.shape, dtype=torch.float32, device=hidden.device)
-            flat_hidden, flat_ids = hidden.reshape(-1, hidden.size(-1)), completion_ids.reshape(-1)
-            flat_out = out.view(-1)
-            chunk = self.args.loss_chunk_size  # bounds the [chunk, vocab] logits like the fused loss does
             with gathered_lm_heads(unwrapped_student) as [(weight, bias)]:
-                for start in range(0, flat_ids.numel(), chunk):
-                    logits = flat_hidden[start : start + chunk] @ weight.t()
-                    if bias is not None:
-                        logits = logits + bias
-                    flat_out[start : start + chunk] = selective_log_softmax(
-                        logits.float() / self.temperature, flat_ids[start : start + chunk]
-                    )
-            return out
-        logits = self._model_logits(unwrapped_student, inputs)
-        return selective_log_softmax(logits.float() / self.temperature, completion_ids)
+                device = weight.device
+                return token_logprobs(hidden.to(device), weight, ids.to(device), mask.to(device), bias=bias,
+                                      temperature=self.temperature, chunk_size=self._loss_chunk_size)
+        return token_logprobs_from_logits(self._model_logits(unwrapped_student, inputs), ids, mask,
+                                          temperature=self.temperature)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -336,6 +386,17 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
     def _model_logits(self, unwrapped_model, inputs) -> torch.Tensor:
         """The model's own logits at the positions that predict the completion tokens: [B, T, V]."""
         return completion_logits(unwrapped_model, *self._sequence(inputs), self.model_kwarg_keys)
+
+    def _teacher_sequence(self, inputs):
+        """(input_ids, attention_mask, completion width) the teacher scores: the student's sequence."""
+        return self._sequence(inputs)
+
+    def _teacher_hidden_states(self, unwrapped_teacher, inputs) -> torch.Tensor:
+        input_ids, attention_mask, logits_to_keep = self._teacher_sequence(inputs)
+        return self._get_last_hidden_state(unwrapped_teacher, input_ids, attention_mask, logits_to_keep)
+
+    def _teacher_logits(self, unwrapped_teacher, inputs) -> torch.Tensor:
+        return completion_logits(unwrapped_teacher, *self._teacher_sequence(inputs), self.model_kwarg_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Routed through the DDP/FSDP wrapper (as DistillationTrainer does) so gradient sync and sharded parameters
@@ -357,37 +418,48 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         completion_ids = inputs["completion_ids"]
         loss_mask = self._loss_mask(inputs)
         old_logprobs = inputs.get("old_logprobs") if self.model.training else None
+        # check_finite=False: no host sync per micro-step; the flag is read at the next logging step.
         options = dict(tau=args.tau, alpha=args.alpha, top_k=args.fkl_top_k, clip_eps=args.clip_eps,
-                       temperature=self.temperature, rkl_estimator=args.rkl_estimator, return_stats=True)
+                       temperature=self.temperature, return_stats=True, check_finite=False)
+        targets = TeacherTargets.from_inputs(inputs)
+        if targets is not None:  # scored once at rollout time: the loss step runs the student alone
+            if args.use_fused_loss:
+                student_hidden = self._model_hidden_states(unwrapped_student, inputs)
+                # The fused loss reads the head's weight directly (its forward never runs), gathered if sharded; it
+                # computes its lm_head gradients inside the forward, so nothing is needed at backward.
+                with gathered_lm_heads(unwrapped_student) as [(s_weight, s_bias)]:
+                    device = s_weight.device
+                    return fused_eopd_loss_from_targets(
+                        student_hidden.to(device), s_weight, TeacherTargets(*(None if t is None else t.to(device)
+                                                                              for t in targets)),
+                        completion_ids.to(device), loss_mask.to(device), old_logprobs, student_bias=s_bias,
+                        chunk_size=self._loss_chunk_size, compiled=self._loss_compiled, **options,
+                    )
+            student_logits = self._model_logits(unwrapped_student, inputs)
+            return eopd_loss_from_targets(student_logits, targets, completion_ids, loss_mask, old_logprobs, **options)
+
+        # No stored targets (the full-distribution variants, or a batch this trainer's rollout did not make): the
+        # teacher runs with the loss step.
+        options["rkl_estimator"] = args.rkl_estimator
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         if args.use_fused_loss:
             student_hidden = self._model_hidden_states(unwrapped_student, inputs)
             with torch.no_grad():
                 teacher_hidden = self._forward_redirection(
-                    self.teacher_model, unwrapped_teacher, self._model_hidden_states, unwrapped_teacher, inputs
+                    self.teacher_model, unwrapped_teacher, self._teacher_hidden_states, unwrapped_teacher, inputs
                 )
-            # The fused loss reads the heads' weights directly (their forward never runs), gathered if sharded; it
-            # computes its lm_head gradients inside the forward, so nothing is needed at backward.
             with gathered_lm_heads(unwrapped_student, unwrapped_teacher) as [(s_weight, s_bias), (t_weight, t_bias)]:
                 device = s_weight.device
                 return fused_entropy_aware_opd_loss(
-                    student_hidden.to(device),
-                    s_weight,
-                    teacher_hidden.to(device),
-                    t_weight.to(device),
-                    completion_ids.to(device),
-                    loss_mask.to(device),
-                    old_logprobs,
-                    student_bias=s_bias,
-                    teacher_bias=t_bias,
-                    chunk_size=args.loss_chunk_size,
-                    **options,
+                    student_hidden.to(device), s_weight, teacher_hidden.to(device), t_weight.to(device),
+                    completion_ids.to(device), loss_mask.to(device), old_logprobs, student_bias=s_bias,
+                    teacher_bias=t_bias, chunk_size=self._loss_chunk_size, compiled=self._loss_compiled, **options,
                 )
         student_logits = self._model_logits(unwrapped_student, inputs)
         with torch.no_grad():
             teacher_logits = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._model_logits, unwrapped_teacher, inputs
+                self.teacher_model, unwrapped_teacher, self._teacher_logits, unwrapped_teacher, inputs
             )
         return entropy_aware_opd_loss(
             student_logits, teacher_logits.to(student_logits.device), completion_ids, loss_mask, old_logprobs,
@@ -395,14 +467,34 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         )
 
     def _log_loss_stats(self, stats: dict) -> None:
-        # Gathered after `_forward_redirection` returns (a collective inside the wrapped forward could hang), then
-        # averaged over processes and, by `DistillationTrainer.log`, over the micro-steps since the last log.
+        """Keep this micro-step's statistics on the device; `log` reads them (no host sync here)."""
         mode = "train" if self.model.training else "eval"
-        values = {key: stats[key].detach().float().reshape(1) for key in METRIC_NAMES}
-        if values["gate_fraction"].item() == 0.0:
-            # No gated token: the mean forward KL over gated tokens is undefined, not 0. NaN is skipped by
-            # `DistillationTrainer.log`, so it does not drag the average of the other micro-steps down.
-            values["fkl_gated"] = torch.full_like(values["fkl_gated"], float("nan"))
-        gathered = self.accelerator.gather_for_metrics(torch.cat(list(values.values())).reshape(1, -1))
-        for name, value in zip(METRIC_NAMES.values(), gathered.nanmean(0).tolist(), strict=True):
-            self._metrics[mode][name].append(value)
+        values = torch.stack([stats[key].detach().float().reshape(()) for key in METRIC_NAMES]
+                             + [stats["inputs_finite"].float().reshape(())])
+        no_gated = stats["gate_fraction"].reshape(()) == 0
+        for key in GATED_METRICS:
+            index = list(METRIC_NAMES).index(key)
+            values[index] = torch.where(no_gated, torch.full_like(values[index], float("nan")), values[index])
+        self._pending_loss_stats[mode].append(values)
+
+    def _flush_loss_stats(self, mode: str) -> None:
+        """Once per logging step: gather the pending statistics of every process (one collective, one host read),
+        raise if any micro-step saw non-finite inputs, and hand the per-micro-step means over processes to TRL's
+        metrics (which `DistillationTrainer.log` averages, skipping NaN)."""
+        pending = self._pending_loss_stats[mode]
+        if not pending:
+            return
+        self._pending_loss_stats[mode] = []
+        local = torch.stack(pending)  # [micro-steps, n_metrics + 1]
+        gathered = self.accelerator.gather(local).reshape(-1, *local.shape).cpu()  # [processes, micro-steps, ...]
+        if not bool((gathered[..., -1] == 1).all()):
+            raise ValueError(not_finite_message(
+                "The student logits, teacher targets or stored old log-probs (or the completion ids are out of the "
+                "vocabulary) of at least one micro-batch since the last log"))
+        for step_values in gathered[..., :-1].nanmean(0).tolist():
+            for name, value in zip(METRIC_NAMES.values(), step_values, strict=True):
+                self._metrics[mode][name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_loss_stats("train" if self.model.training else "eval")
+        super().log(logs, start_time)
