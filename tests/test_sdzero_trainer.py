@@ -1,6 +1,8 @@
 """SDZeroTrainer: construction errors, a few steps with each teacher option, teacher sync, fused == plain."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -131,17 +133,22 @@ def test_separate_teacher_trains_and_logs_the_metrics(tmp_path, pair, dataset):
     for key in ("sdzero/reward_mean", "sdzero/kl", "completions/mean_length", "sdzero/truncated_fraction",
                 "rewards/parity_reward/mean"):
         assert _logged(trainer, key), key
-    # KL split by reward class: both classes occur with the parity reward over 2 steps x 4 samples
-    assert _logged(trainer, "sdzero/kl_correct") or _logged(trainer, "sdzero/kl_incorrect")
+    # KL split by reward class: both classes occur with the parity reward over 2 steps x 4 samples (seed 0)
+    for key in ("sdzero/kl_correct", "sdzero/kl_incorrect"):
+        assert any(math.isfinite(v) and v > 0 for v in _logged(trainer, key)), (key, _logged(trainer, key))
     # the teacher stays frozen, the student moves
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())
     assert any(not torch.equal(student.state_dict()[k], v) for k, v in student_before.items())
 
 
-def test_rollout_batch_holds_the_reward_conditioned_teacher_input(tmp_path, pair, dataset):
+@pytest.mark.parametrize("keep_eos", [True, False])
+def test_rollout_batch_holds_the_reward_conditioned_teacher_input(tmp_path, pair, dataset, keep_eos):
     tokenizer, student, teacher = pair
-    trainer = SDZeroTrainer(student, teacher, reward_funcs=[parity_reward], train_dataset=dataset,
-                            args=_args(tmp_path), processing_class=tokenizer)
+    # every completion ends with the end-of-turn token (forced at the last position), so the EOS rule is exercised
+    args = _args(tmp_path, keep_eos_in_first_copy=keep_eos,
+                 generation_kwargs={"forced_eos_token_id": tokenizer.eos_token_id})
+    trainer = SDZeroTrainer(student, teacher, reward_funcs=[parity_reward], train_dataset=dataset, args=args,
+                            processing_class=tokenizer)
     rows = [dataset[i] for i in range(4)]
     batch = trainer._generate_and_score_completions(rows)
     delims = {r: tokenizer(control_text(p), add_special_tokens=False)["input_ids"]
@@ -150,7 +157,8 @@ def test_rollout_batch_holds_the_reward_conditioned_teacher_input(tmp_path, pair
     for i in range(4):
         x = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
         y = batch["completion_ids"][i][batch["completion_mask"][i].bool()].tolist()
-        first = y[:-1] if y and y[-1] in trainer.eos_token_ids else y
+        assert y[-1] == tokenizer.eos_token_id
+        first = y if keep_eos else y[:-1]  # default: y's ids as generated, EOS included (spec's token layout)
         r = int(batch["sdzero_rewards"][i])
         assert r == int(parity_reward([[{"content": tokenizer.decode(y, skip_special_tokens=True)}]], None)[0])
         teacher_row = batch["teacher_input_ids"][i][batch["teacher_attention_mask"][i].bool()].tolist()
@@ -288,3 +296,62 @@ def test_lora_with_a_separate_teacher_syncs_the_merged_student(tmp_path, dataset
     with torch.no_grad():
         torch.testing.assert_close(trainer.teacher_model(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_teacher_context_equal_to_the_students_gives_exactly_zero_loss(tmp_path, dataset, fused):
+    """With the student's own context as teacher input and the student's weights as teacher, nothing is left to
+    distil: the alignment of the teacher's positions with the student's must make every token's KL exactly 0."""
+    tokenizer = make_tiny_tokenizer()
+    trainer = SDZeroTrainer(make_tiny_model(tokenizer, seed=0), reward_funcs=[parity_reward], train_dataset=dataset,
+                            args=_args(tmp_path, teacher_mode="copy", use_fused_loss=fused),
+                            processing_class=tokenizer)
+    batch = trainer._generate_and_score_completions([dataset[i] for i in range(4)])
+    batch["teacher_input_ids"] = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    batch["teacher_attention_mask"] = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    assert trainer.use_fused_loss == fused and batch["loss_mask"].sum() > 0
+    loss, per_token = trainer._sdzero_loss(trainer.model, batch, None)
+    assert loss.item() == 0.0 and not per_token.any()
+    # the reward-conditioned teacher input on the same batch is not zero: the test can tell
+    rebuilt = trainer._generate_and_score_completions([dataset[i] for i in range(4)])
+    assert trainer._sdzero_loss(trainer.model, rebuilt, None)[0].item() > 0
+
+
+# ------------------------------------------------------------------------------------------ Phase 1 -> Phase 2 hand-off
+def _theta_srt(tmp_path, phrases):
+    from trl_sdx.sdzero.control_phrases import save_control_phrases
+    from trl_sdx.testing import save_tiny_pair
+
+    student, _ = save_tiny_pair(tmp_path / "models")
+    save_control_phrases(student, *phrases)
+    return student
+
+
+def test_phase2_uses_the_phrases_saved_with_theta_srt(tmp_path, dataset):
+    from trl_sdx.sdzero import OLMO_INCORRECT_PHRASE
+
+    path = _theta_srt(tmp_path, ("Let me rephrase the above solution.", OLMO_INCORRECT_PHRASE))
+    trainer = SDZeroTrainer(path, reward_funcs=[parity_reward], train_dataset=dataset, args=_args(tmp_path))
+    assert trainer.args.incorrect_phrase == OLMO_INCORRECT_PHRASE  # chosen from the record, not the path's name
+    assert trainer._delimiter_ids[0] == trainer.processing_class(
+        control_text(OLMO_INCORRECT_PHRASE), add_special_tokens=False)["input_ids"]
+    # without a record: the released pair
+    tokenizer, student, teacher = make_student_teacher(seed=0)
+    plain = SDZeroTrainer(student, teacher, reward_funcs=[parity_reward], train_dataset=dataset,
+                          args=_args(tmp_path), processing_class=tokenizer)
+    assert plain.args.incorrect_phrase == "Wait, this response is wrong. Let me correct it."
+
+
+def test_explicit_phrases_that_differ_from_the_record_are_warned_about(tmp_path, dataset, caplog):
+    from trl_sdx.sdzero import OLMO_INCORRECT_PHRASE
+
+    path = _theta_srt(tmp_path, ("Let me rephrase the above solution.", OLMO_INCORRECT_PHRASE))
+    explicit = "Wait, this response is wrong. Let me correct it."
+    with caplog.at_level("WARNING", logger="trl_sdx.sdzero.control_phrases"):
+        trainer = SDZeroTrainer(path, reward_funcs=[parity_reward], train_dataset=dataset,
+                                args=_args(tmp_path, incorrect_phrase=explicit))
+    assert trainer.args.incorrect_phrase == explicit  # the user's choice is kept ...
+    assert "`incorrect_phrase`" in caplog.text and OLMO_INCORRECT_PHRASE in caplog.text  # ... and flagged
+    assert "correct_phrase`=" not in caplog.text.replace("incorrect_phrase`=", "")  # P_1 matches: no warning
+    record = json.loads((tmp_path / "models" / "student" / "sdzero_control_phrases.json").read_text())
+    assert record["incorrect_phrase"] == OLMO_INCORRECT_PHRASE

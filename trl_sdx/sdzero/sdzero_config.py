@@ -9,8 +9,7 @@ from trl import DistillationConfig
 from trl_sdx.precision import resolve_device_defaults
 from trl_sdx.validation import check_range, check_top_k
 
-CORRECT_PHRASE = "Let me rephrase the above solution."
-INCORRECT_PHRASE = "Wait, this response is wrong. Let me correct it."
+from trl_sdx.sdzero.control_phrases import CORRECT_PHRASE, INCORRECT_PHRASE  # noqa: F401 (re-exported)
 TEACHER_MODES = ("auto", "separate", "copy", "disable_adapter")
 KL_TYPES = ("forward", "reverse", "mixed")
 
@@ -36,16 +35,21 @@ class SDZeroConfig(DistillationConfig):
     )
 
     # Control phrases P_r (spec: "Control phrases")
-    correct_phrase: str = field(
-        default=CORRECT_PHRASE,
-        metadata={"help": "P_1, the control phrase after a correct y (r = 1). Inserted as '\\n\\n' + P_1 + '\\n\\n'."},
-    )
-    incorrect_phrase: str = field(
-        default=INCORRECT_PHRASE,
+    correct_phrase: str | None = field(
+        default=None,
         metadata={
-            "help": "P_0, the control phrase after an incorrect y (r = 0). Default from the released code; the OLMo "
-            "family there uses 'Wrong. I need to redo all.' and the paper (v1) prints 'Wait, this response is not "
-            "correct, let me start over.'. It must match what Phase 1 (SRT) trained the teacher on."
+            "help": "P_1, the control phrase after a correct y (r = 1), inserted as '\\n\\n' + P_1 + '\\n\\n'. None "
+            "(default) = the phrase Phase 1 saved with theta_SRT (`sdzero_control_phrases.json` in the teacher's, "
+            "else the student's folder), else the released 'Let me rephrase the above solution.'."
+        },
+    )
+    incorrect_phrase: str | None = field(
+        default=None,
+        metadata={
+            "help": "P_0, the control phrase after an incorrect y (r = 0). None (default) = Phase 1's saved phrase, "
+            "else the released 'Wait, this response is wrong. Let me correct it.' (the released OLMo runs use "
+            "'Wrong. I need to redo all.'; the paper v1 prints 'Wait, this response is not correct, let me start "
+            "over.'). A value that differs from Phase 1's saved one is warned about."
         },
     )
 
@@ -136,16 +140,6 @@ class SDZeroConfig(DistillationConfig):
             "choices": ["auto", "liger", "native"],
         },
     )
-    loss_implementation: str = field(
-        default="auto",
-        metadata={
-            "help": "Chunked kernel of the fused top-k KL: 'native' (trl_sdx.losses.fused_topk_distillation_loss), "
-            "'liger' (the same loss on Liger's LigerFusedLinearDistillationBase, eager) or 'auto' (the one measured "
-            "faster on this device type in benchmarks/loss_kernels.py: native on CPU; native on CUDA until measured). "
-            "Same value and gradients. Only used with use_fused_loss=True.",
-            "choices": ["auto", "liger", "native"],
-        },
-    )
 
     def __post_init__(self):
         resolve_device_defaults(self)  # bf16 only where supported; current checkpointing name
@@ -168,14 +162,11 @@ class SDZeroConfig(DistillationConfig):
             raise ValueError(
                 f"`loss_implementation` must be 'auto', 'liger' or 'native', got {self.loss_implementation!r}."
             )
-        if self.loss_implementation not in ("auto", "liger", "native"):
-            raise ValueError(
-                f"`loss_implementation` must be 'auto', 'liger' or 'native', got {self.loss_implementation!r}."
-            )
         for name in ("correct_phrase", "incorrect_phrase"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"`{name}` must be a non-empty string.")
-        if self.correct_phrase == self.incorrect_phrase:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"`{name}` must be a non-empty string, or None for Phase 1's saved phrase.")
+        if self.correct_phrase is not None and self.correct_phrase == self.incorrect_phrase:
             raise ValueError(
                 "`correct_phrase` and `incorrect_phrase` are equal: the teacher could not tell r = 1 from r = 0."
             )

@@ -28,6 +28,7 @@ from trl_sdx.liger import apply_liger_kernel_to_models, prepare_liger_kernel, re
 from trl_sdx.lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from trl_sdx.losses import fused_topk_distillation_loss, liger_topk_distillation_loss, topk_distillation_loss
 from trl_sdx.models import resolve_model_name_or_path
+from trl_sdx.sdzero.control_phrases import resolve_control_phrases
 from trl_sdx.sdzero.rewards import binary_reward, resolve_reward_funcs, score_completions
 from trl_sdx.sdzero.sdzero_config import SDZeroConfig
 from trl_sdx.sdzero.teacher_inputs import build_teacher_inputs, control_text
@@ -36,7 +37,9 @@ from trl_sdx.sdzero.teacher_sync import (
     check_mergeable,
     check_syncable,
     copy_student_into_teacher,
+    load_teacher_state,
     merge_and_reset_lora,
+    save_teacher_state,
 )
 from trl_sdx.validation import check_columns, check_same_vocab, check_tokenizer
 
@@ -149,6 +152,10 @@ class SDZeroTrainer(DistillationTrainer):
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
         teacher_model = resolve_model_name_or_path(teacher_model)
+        # P_r: as given, else the pair Phase 1 saved with theta_SRT (the teacher's folder first), else the released one
+        args.correct_phrase, args.incorrect_phrase = resolve_control_phrases(
+            args.correct_phrase, args.incorrect_phrase, teacher_model, model
+        )
 
         self.reward_funcs, self.reward_func_names, default_reward = resolve_reward_funcs(reward_funcs)
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
@@ -158,7 +165,7 @@ class SDZeroTrainer(DistillationTrainer):
             )
         required = ["prompt", "answer"] if default_reward else ["prompt"]
         hint = ("Map your data to a `prompt` column (conversational messages or text) and a reference `answer` "
-                "column for the default reward `boxed_answer_reward`, or pass your own `reward_funcs`.")
+                "column for the default reward `math_verify_reward`, or pass your own `reward_funcs`.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: SD-Zero samples its completions from the dataset prompts.")
         check_columns(train_dataset, required, argument="train_dataset", hint=hint)
@@ -276,6 +283,25 @@ class SDZeroTrainer(DistillationTrainer):
         else:
             copy_student_into_teacher(student, self.accelerator.unwrap_model(self.teacher_model))
         logger.info(f"SD-Zero: teacher synced to the student at step {self.state.global_step}.")
+
+    def _synced_module(self):
+        """The module whose weights a sync changes: the teacher, or the PEFT student's base (adapter-disabled)."""
+        if self.teacher_mode == "disable_adapter":
+            return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.teacher_model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model as TRL saves it, plus (when `teacher_sync_steps` > 0) the teacher's synced weights
+        (`sdzero_teacher.pt`), which a checkpoint of the student alone does not hold. Also on every checkpoint."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.teacher_sync_steps > 0 and self.args.should_save:
+            save_teacher_state(self._synced_module(), output_dir or self.args.output_dir, self.teacher_mode)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.args.teacher_sync_steps > 0 and load_teacher_state(self._synced_module(), resume_from_checkpoint,
+                                                                    self.teacher_mode):
+            logger.info(f"SD-Zero: teacher restored from {resume_from_checkpoint}.")
 
     def _teacher_context(self):
         if self.teacher_mode == "disable_adapter":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from trl_sdx.precision import resolve_device_defaults
-from trl_sdx.sdzero.sdzero_config import CORRECT_PHRASE, INCORRECT_PHRASE
+from trl_sdx.sdzero.control_phrases import CORRECT_PHRASE, INCORRECT_PHRASE
 
 SRT_STAGES = ("generation", "revision")
 LONG_ROW_POLICIES = ("drop", "error")
