@@ -45,6 +45,7 @@ from ..losses import (
 from ..losses._common import gate_enabled, loss_chunk_size_for_vocab, not_finite_message
 from ..losses.eopd import full_teacher_needed
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
+from .end_of_turn import resolve_end_of_turn_mapping, teacher_completion_ids
 from .entropy_gkd_config import EntropyAwareGKDConfig
 from .prompt_length import check_prompt_length
 from .vllm_sizing import rollout_sized_vllm
@@ -209,6 +210,10 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         # The teacher is scored once per rollout into compact targets, unless the objective needs its whole
         # distribution per token (full-vocabulary forward KL, exact reverse KL): then it runs with each loss step.
         self._teacher_at_rollout = not full_teacher_needed(args.tau, args.fkl_top_k, args.rkl_estimator)
+        # Base student, instruct teacher: the teacher scores completions with its own end-of-turn token.
+        self._end_of_turn = resolve_end_of_turn_mapping(args.end_of_turn_mapping, self._tokenizer,
+                                                        teacher_processing_class,
+                                                        scored_at_rollout=self._teacher_at_rollout)
         self._loss_chunk_size = args.loss_chunk_size or loss_chunk_size_for_vocab(
             unwrapped_student.get_output_embeddings().weight.shape[0])
         self._loss_compiled = args.resolve_loss_compiled(self.accelerator.device)
@@ -330,7 +335,7 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
 
     def _teacher_targets(self, unwrapped_teacher, inputs) -> TeacherTargets:
         top_k = self.args.fkl_top_k if gate_enabled(self.args.tau) else None
-        ids, mask = inputs["completion_ids"], self._loss_mask(inputs)
+        ids, mask = self._teacher_completion_ids(inputs), self._loss_mask(inputs)
         if self.args.use_fused_loss:
             hidden = self._teacher_hidden_states(unwrapped_teacher, inputs)
             with gathered_lm_heads(unwrapped_teacher) as [(weight, bias)]:
@@ -387,9 +392,15 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
         """The model's own logits at the positions that predict the completion tokens: [B, T, V]."""
         return completion_logits(unwrapped_model, *self._sequence(inputs), self.model_kwarg_keys)
 
+    def _teacher_completion_ids(self, inputs) -> torch.Tensor:
+        """The completion as the teacher sees it: the student's, with its end-of-turn token mapped to the teacher's
+        when `end_of_turn_mapping` applies (the student's own ids stay as they are)."""
+        return teacher_completion_ids(inputs["completion_ids"], inputs["completion_mask"], self._end_of_turn)
+
     def _teacher_sequence(self, inputs):
-        """(input_ids, attention_mask, completion width) the teacher scores: the student's sequence."""
-        return self._sequence(inputs)
+        """(input_ids, attention_mask, completion width) the teacher scores: the student's sequence, its
+        end-of-turn token mapped (`_teacher_completion_ids`)."""
+        return self._sequence({**inputs, "completion_ids": self._teacher_completion_ids(inputs)})
 
     def _teacher_hidden_states(self, unwrapped_teacher, inputs) -> torch.Tensor:
         input_ids, attention_mask, logits_to_keep = self._teacher_sequence(inputs)
