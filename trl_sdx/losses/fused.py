@@ -196,7 +196,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 end = min(start + chunk_size, n_rows)
                 real = end - start
                 padded = chunk_bucket(real, chunk_size) if compiled else real
-                hidden = student_rows[start:end].to(compute)
+                hidden = student_rows[start:end].detach().to(compute)  # a plain input: one guard set
                 head = None
                 if teacher[0] == "head":
                     head = (_pad(teacher_rows[start:end].detach().to(teacher_compute), padded), teacher_weight,
