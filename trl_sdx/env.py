@@ -24,7 +24,17 @@ def collect_env() -> dict[str, str]:
         info["device"] = "mps"
     else:
         info["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    info["liger triton kernels"] = liger_kernels_line()
     return info
+
+
+def liger_kernels_line() -> str:
+    """Whether `use_liger_kernel=True` can run here (Liger's Triton model kernels need CUDA). The chunked losses
+    (ours, and SD-Zero's on Liger's distillation base) are plain torch and run anywhere."""
+    from trl_sdx.liger import liger_triton_status
+
+    usable, why = liger_triton_status()
+    return f"{'usable' if usable else 'not usable'}: {why}"
 
 
 def print_env() -> None:
