@@ -2,7 +2,7 @@
 
 Used by tests/test_distributed.py: `accelerate launch --config_file cpu_2proc.yaml distributed_driver.py METHOD OUT`,
 and by tests/test_entropy_gkd_fsdp2.py with an FSDP2 config (see tests/cpu_fsdp2.py). Writes `rank{R}.json` and the
-rank's full trainable weights, `weights{R}.pt`.
+rank's full trainable weights, `weights{R}.pt`. An optional third argument, a JSON object, overrides config fields.
 """
 
 import json
@@ -22,9 +22,9 @@ def _full(param):
     return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
-def main(method: str, out_dir: str) -> None:
+def main(method: str, out_dir: str, overrides: str = "{}") -> None:
     allow_fsdp2_on_cpu()  # only acts when launched with an FSDP config
-    trainer = FACTORIES[method](os.path.join(out_dir, "run"), max_steps=2)
+    trainer = FACTORIES[method](os.path.join(out_dir, "run"), max_steps=2, **json.loads(overrides))
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = {name: _full(p).detach().double() for name, p in model.named_parameters() if p.requires_grad}
@@ -43,4 +43,4 @@ def main(method: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -23,9 +23,14 @@ DRIVER = Path(__file__).with_name("distributed_driver.py")
 FSDP2_CPU = Path(__file__).with_name("accelerate_fsdp2_cpu.yaml")
 
 
+# Both optimizer steps on one rollout: π_old is recorded at rollout time and the second step's ratio departs from 1,
+# so the rollout-time passes (student log-probs, teacher targets) run under FSDP2 too.
+OVERRIDES = json.dumps({"steps_per_generation": 2})
+
+
 def _run(config: Path, out_dir: Path):
     return _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                    "--main_process_port", "0", str(DRIVER), "entropy-gkd", str(out_dir)])
+                    "--main_process_port", "0", str(DRIVER), "entropy-gkd", str(out_dir), OVERRIDES])
 
 
 def test_fsdp2_two_processes_train_like_ddp(tmp_path):
