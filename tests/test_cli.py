@@ -43,3 +43,93 @@ def test_launch_flags_are_split_from_script_flags():
     assert launch[:3] == ["--num_processes", "2", "--cpu"] and launch[3] == "--config_file"
     assert launch[4].endswith("multi_gpu.yaml")
     assert script == ["--config", "x.yaml", "--tau=0.5"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One-line errors and a helpful --help (issue 12)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _main_error(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_flag_is_one_line_with_a_suggestion(capsys):
+    code, err = _main_error(capsys, "entropy-gkd", "--tua", "0.5")
+    assert code == 2
+    assert err == "trl-sdx entropy-gkd: error: unrecognized argument --tua (did you mean --tau?)"
+
+
+def test_unknown_key_in_the_config_file_names_the_file(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: x\nlerning_rate: 1.0e-5\n")
+    code, err = _main_error(capsys, "entropy-gkd", "--config", str(config))
+    assert code == 2
+    assert err == f"trl-sdx entropy-gkd: error: unknown key 'lerning_rate' in {config} (did you mean --learning_rate?)"
+
+
+def test_missing_config_file_names_the_path(capsys, tmp_path):
+    missing = tmp_path / "nope.yaml"
+    code, err = _main_error(capsys, "sdzero", "--config", str(missing))
+    assert code == 2
+    assert err.startswith(f"trl-sdx sdzero: error: config file not found: {missing}")
+    assert "\n" not in err
+
+
+def test_bad_value_and_config_check_are_one_line(capsys):
+    code, err = _main_error(capsys, "entropy-gkd", "--tau", "abc")
+    assert code == 2 and err == "trl-sdx entropy-gkd: error: argument --tau: invalid float value: 'abc'"
+    code, err = _main_error(capsys, "entropy-gkd", "--model_name_or_path", "x", "--tau", "-1")
+    assert code == 2 and err.startswith("trl-sdx entropy-gkd: error: `tau` must") and "\n" not in err
+
+
+def test_bare_command_asks_for_the_model_not_for_a_gpu(capsys):
+    code, err = _main_error(capsys, "entropy-gkd")
+    assert code == 2
+    assert err.startswith("trl-sdx entropy-gkd: error: --model_name_or_path is required") and "\n" not in err
+
+
+def _help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(TRAINING_COMMANDS))
+def test_help_starts_with_the_methods_own_options(capsys, name):
+    from transformers import TrainingArguments
+
+    from trl_sdx.cli import _own_fields
+
+    text = _help(capsys, name)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"usage: trl-sdx {name} [--config CONFIG.yaml]")
+    assert len(text.split("\n\n")[0].splitlines()) <= 3  # a short usage, not 100 lines of flags
+    parser = importlib.import_module(TRAINING_COMMANDS[name][0]).make_parser()
+    config_cls = next(t for t in parser.dataclass_types if issubclass(t, TrainingArguments))
+    first_group = next(i for i, line in enumerate(lines) if line.endswith("(the method's options):"))
+    assert lines[first_group].startswith(config_cls.__name__)
+    assert first_group < 8  # right after the usage and the description
+    next_group = next(i for i, line in enumerate(lines) if i > first_group and line and not line.startswith(" "))
+    own_flags = {line.split()[0].rstrip(",") for line in lines[first_group + 1 : next_group]
+                 if line.startswith("  --") and not line.startswith("  --no_")}
+    assert own_flags == {f"--{field}" for field in _own_fields(config_cls)}
+    for flag in ("--config", "--num_processes", "--accelerate_config"):
+        assert f"  {flag} " in text
+    model_help = text[text.index("  --model_name_or_path"):].split("\n  --")[0]
+    assert "smollm2-135m-instruct" in model_help and "half-depth" in model_help
+
+
+def test_single_process_runs_pass_accelerates_defaults(monkeypatch):
+    import accelerate.commands.config as accelerate_config
+
+    from trl_sdx.cli import single_process_launch_defaults
+
+    monkeypatch.setattr(accelerate_config, "default_config_file", "/nonexistent/default_config.yaml")
+    assert single_process_launch_defaults([]) == ["--num_processes", "1", "--num_machines", "1",
+                                                  "--mixed_precision", "no", "--dynamo_backend", "no"]
+    assert single_process_launch_defaults(["--num_processes", "2"])[:2] == ["--num_machines", "1"]
+    assert single_process_launch_defaults(["--config_file", "x.yaml"]) == []  # the file decides
