@@ -8,7 +8,10 @@ import trl_sdx.losses.fused as fused_module
 from trl_sdx.losses import (
     entropy_aware_opd_loss,
     fused_entropy_aware_opd_loss,
+    fused_eopd_loss_from_targets,
     fused_topk_distillation_loss,
+    TeacherTargets,
+    score_teacher_targets,
     topk_distillation_loss,
 )
 
@@ -282,3 +285,139 @@ def test_fused_non_finite_logits_raise(value):
     with pytest.raises(ValueError, match="NaN or infinite"):
         fused_topk_distillation_loss(x["student_hidden"], weight, x["teacher_hidden"], x["teacher_weight"],
                                      x["mask"], top_k=5, student_bias=bias, chunk_size=4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precision: every dtype combination users run, against an fp64 reference on the same (rounded) inputs
+# --------------------------------------------------------------------------------------------------------------------
+
+# Relative error (norm of the difference / norm of the reference) allowed per dtype of the lm_head product:
+# bf16 keeps 8 significant bits (relative rounding 2^-8 = 0.4% per logit); fp32 24 bits.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def _rel_err(got, want):
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def _precision_inputs(seed=20):
+    g = torch.Generator().manual_seed(seed)
+    x = dict(hidden=torch.randn(B, T, HS, generator=g), weight=0.7 * torch.randn(V, HS, generator=g),
+             bias=0.3 * torch.randn(V, generator=g), teacher_hidden=torch.randn(B, T, HT, generator=g),
+             teacher_weight=0.6 * torch.randn(V, HT, generator=g), ids=torch.randint(0, V, (B, T), generator=g))
+    x["mask"] = torch.ones(B, T)
+    x["mask"][0, 5:] = 0
+    x["old"] = 0.3 * torch.randn(B, T, generator=g) - 3.0
+    # The teacher's targets in fp32: the dtype under test is the student's lm_head product.
+    x["targets"] = score_teacher_targets(x["teacher_hidden"], x["teacher_weight"], x["ids"], x["mask"], top_k=5)
+    return x
+
+
+def _fp64_reference(x, hidden, weight, bias):
+    """The plain loss on fp64 logits of the same (already rounded) values; returns (loss, d/dhidden, d/dW, d/db)."""
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].t() + leaves[2]
+    teacher = x["teacher_hidden"].double() @ x["teacher_weight"].double().t()
+    loss = entropy_aware_opd_loss(logits, teacher, x["ids"], x["mask"], x["old"].double(), tau=2.0, top_k=5)
+    return (loss, *torch.autograd.grad(loss, leaves))
+
+
+def _check_against_reference(x, loss, hidden, weight, bias, grads, compute_dtype):
+    ref_loss, *ref_grads = _fp64_reference(x, hidden, weight, bias)
+    assert loss.dtype == torch.float32  # the loss math runs in fp32 whatever the product's dtype
+    tol = TOLERANCE[compute_dtype]
+    assert _rel_err(loss, ref_loss) < tol
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert want.norm() > 0 and _rel_err(got, want) < tol, (name, _rel_err(got, want))
+
+
+@pytest.mark.parametrize("case", ["bf16_weights_and_hidden", "fp32_master_weights_under_bf16_autocast",
+                                  "fp32_everything"])
+def test_fused_loss_accepts_every_precision(case):
+    x = _precision_inputs()
+    hidden = x["hidden"].bfloat16() if case != "fp32_everything" else x["hidden"]
+    params = (x["weight"], x["bias"]) if case != "bf16_weights_and_hidden" else (x["weight"].bfloat16(),
+                                                                                 x["bias"].bfloat16())
+    hidden = hidden.requires_grad_()
+    weight, bias = (p.clone().requires_grad_() for p in params)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.endswith("autocast"))
+    with autocast:
+        loss = fused_eopd_loss_from_targets(hidden, weight, x["targets"], x["ids"], x["mask"], x["old"],
+                                            student_bias=bias, tau=2.0, top_k=5, chunk_size=4)
+    loss.backward()
+    # each gradient comes back in its parameter's own dtype (fp32 masters get fp32 gradients)
+    assert (hidden.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (hidden.dtype, weight.dtype, bias.dtype)
+    compute = torch.float32 if case == "fp32_everything" else torch.bfloat16
+    _check_against_reference(x, loss, hidden, weight, bias, (hidden.grad, weight.grad, bias.grad), compute)
+
+
+def test_fsdp2_dtensor_lm_head_is_gathered_and_cast_like_trl():
+    """An FSDP2-sharded head (a DTensor parameter, fp32 master) with bf16 hidden states: `gathered_lm_heads`
+    materialises it once, the loss casts it to the hidden dtype once (TRL's `_chunked_divergence_loss` rule), and
+    the fp32 gradient flows back into the DTensor's shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from trl_sdx.lm_head import gathered_lm_heads
+
+    x = _precision_inputs(21)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lm_head = torch.nn.Linear(HS, V)
+                self.lm_head.weight = torch.nn.Parameter(distribute_tensor(x["weight"].clone(), mesh, [Shard(0)]))
+                self.lm_head.bias = torch.nn.Parameter(distribute_tensor(x["bias"].clone(), mesh, [Shard(0)]))
+
+            def get_output_embeddings(self):
+                return self.lm_head
+
+        model = Model()
+        hidden = x["hidden"].bfloat16().requires_grad_()
+        with gathered_lm_heads(model) as [(weight, bias)]:
+            assert not isinstance(weight, DTensor) and weight.dtype == torch.float32
+            loss = fused_eopd_loss_from_targets(hidden, weight, x["targets"], x["ids"], x["mask"], x["old"],
+                                                student_bias=bias, tau=2.0, top_k=5, chunk_size=4)
+        loss.backward()
+        weight_grad = model.lm_head.weight.grad
+        assert isinstance(weight_grad, DTensor) and weight_grad.dtype == torch.float32
+        _check_against_reference(x, loss, hidden, x["weight"], x["bias"],
+                                 (hidden.grad, weight_grad.full_tensor(), model.lm_head.bias.grad.full_tensor()),
+                                 torch.bfloat16)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_weight_gradient_is_summed_across_chunks_in_fp32():
+    """512 identical tokens in 512 one-row chunks: each adds grad/512 to the running sum. Summed in bf16 (8 bits)
+    the sum stops growing near 2^8 terms; summed in fp32 it is the one-token gradient."""
+    x = _precision_inputs(22)
+    n = 512
+    hidden = x["hidden"][:1, :1].expand(1, n, HS).bfloat16().contiguous().requires_grad_()
+    weight = x["weight"].bfloat16().requires_grad_()
+    ids, mask = x["ids"][:1, :1].expand(1, n).contiguous(), torch.ones(1, n)
+    targets = score_teacher_targets(x["teacher_hidden"][:1, :1].expand(1, n, HT), x["teacher_weight"], ids, mask,
+                                    top_k=5)
+    # tau=0 and pi_old = the student: every token has an OPD and a forward-KL gradient
+    loss = fused_eopd_loss_from_targets(hidden, weight, targets, ids, mask, tau=0.0, top_k=5, chunk_size=1)
+    (grad_weight,) = torch.autograd.grad(loss, weight)
+    one_token = TeacherTargets(*(t[:, :1] for t in targets))
+    one = fused_eopd_loss_from_targets(hidden[:, :1].detach(), weight, one_token, ids[:, :1], mask[:, :1], tau=0.0,
+                                       top_k=5)
+    (grad_one,) = torch.autograd.grad(one, weight)
+    assert grad_one.norm() > 0 and _rel_err(grad_weight, grad_one) < TOLERANCE[torch.bfloat16]
+
+
+def test_teacher_targets_from_bf16_teacher():
+    x = _precision_inputs(23)
+    bf16 = score_teacher_targets(x["teacher_hidden"].bfloat16(), x["teacher_weight"].bfloat16(), x["ids"], x["mask"],
+                                 top_k=5)
+    fp32 = x["targets"]
+    assert bf16.entropy.dtype == torch.float32 and bf16.topk_logprobs.dtype == torch.float32
+    for name in ("entropy", "logprob"):
+        assert _rel_err(getattr(bf16, name), getattr(fp32, name)) < TOLERANCE[torch.bfloat16], name

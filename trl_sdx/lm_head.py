@@ -31,7 +31,9 @@ def logit_postprocessing(model) -> list[str]:
 
 
 def _full_tensor(tensor):
-    """Under FSDP2 the head is a DTensor; the chunked loss needs the whole matrix once (as TRL does)."""
+    """Under FSDP2 the head is a DTensor; the chunked loss needs the whole matrix once (as TRL does). The cast to
+    the hidden states' dtype (TRL's `_chunked_divergence_loss` rule) happens once inside the fused losses, after
+    this gather, so an fp32 master head receives its gradient in fp32 (summed across chunks in fp32)."""
     if tensor is not None and isinstance(tensor, torch.distributed.tensor.DTensor):
         return tensor.full_tensor()
     return tensor
