@@ -291,8 +291,9 @@ def test_lenient_checker_accepts_unboxed_facts_only_as_whole_words():
     assert lenient_answer_checker("12 + 5 = 17", "\\boxed{17}")
 
 
-def test_script_generate_train_evaluate(tmp_path):
-    """`trl-sdx mixsd` in-process: --generate_only, then training with --evaluate, then --evaluate_only."""
+def test_script_generate_train_evaluate(tmp_path, capsys):
+    """`trl-sdx mixsd` in-process: --generate_only, then training with --evaluate, then --evaluate_only. The console
+    gets progress bars (unless --disable_tqdm) and one summary line per stage; the detail goes to the report file."""
     from trl_sdx.scripts.mixsd import main, make_parser
     from trl_sdx.testing import save_tiny_pair
 
@@ -302,22 +303,38 @@ def test_script_generate_train_evaluate(tmp_path):
               "--synthetic_num_entities", "2", "--output_dir", str(out), "--use_cpu", "--bf16", "False",
               "--report_to", "none", "--max_new_tokens", "4", "--max_retries", "0", "--keep_failed",
               "--eval_max_new_tokens", "4", "--max_steps", "1", "--per_device_train_batch_size", "2",
-              "--save_strategy", "no", "--gradient_checkpointing", "False"]
+              "--save_strategy", "no", "--activation_checkpointing", "False"]
     main(*make_parser().parse_args_and_config(common + ["--generate_only"]))
     report = json.loads((out / "mixsd_targets.json").read_text())
     assert report["stats"]["num_examples"] == 4 and not report["from_cache"]
     assert report["target_nll"]["sft"]["num_tokens"] > 0 and report["target_nll"]["mixsd"]["num_tokens"] > 0
+    assert [row["question"] for row in report["targets"]] == report_questions(4)  # per-fact detail in the file
     assert not os.path.exists(out / "config.json")  # nothing trained
+    console = capsys.readouterr()
+    assert "MixSD targets:" in console.err  # the progress bar
+    lines = [line for line in console.out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("MixSD targets: 4 facts") and "mixsd_targets.json" in lines[0]
 
-    main(*make_parser().parse_args_and_config(common + ["--evaluate"]))
+    main(*make_parser().parse_args_and_config(common + ["--evaluate", "--disable_tqdm", "True"]))
     report = json.loads((out / "mixsd_eval.json").read_text())
     assert report["mixsd_stats"]["num_examples"] == 4
     for stage in ("base", "trained"):
         assert report[stage]["num_injected"] == 4 and report[stage]["num_probe"] == 30
+        assert len(report[stage]["answers"]) == 4 and len(report[stage]["probe_answers"]) == 30
     assert "retention" in report["trained"] and (out / "model.safetensors").exists()
+    console = capsys.readouterr()
+    assert "MixSD targets:" not in console.err and "MixSD eval" not in console.err  # --disable_tqdm respected
+    summary = [line for line in console.out.splitlines() if line.startswith("MixSD evaluation:")]
+    assert len(summary) == 1 and " → " in summary[0] and "retries_per_example" not in console.out
 
     main(*make_parser().parse_args_and_config(
         common + ["--evaluate_only", "--model_name_or_path", str(out), "--base_model_name_or_path", model_path,
                   "--eval_output_file", str(tmp_path / "eval.json")]))
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["trained"]["base_probe_accuracy"] == report["base"]["probe_accuracy"]
+
+
+def report_questions(n_facts: int) -> list[str]:
+    from trl_sdx.data import make_knowledge_dataset
+
+    return make_knowledge_dataset(n_facts // 2, seed=0)["train"]["question"]

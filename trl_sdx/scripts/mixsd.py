@@ -119,29 +119,62 @@ def _knowledge(model, tokenizer, train, probe, args: MixSDConfig, max_new_tokens
     return evaluate_knowledge_injection(
         model, tokenizer, train, probe, base_probe_accuracy=base_probe, question_column=args.question_column,
         answer_column=args.answer_column, max_new_tokens=max_new_tokens, batch_size=args.generation_batch_size,
+        chat_template_kwargs=args.chat_template_kwargs, disable_progress=args.disable_tqdm,
     )
 
 
-def _target_nll(model, tokenizer, mixsd_targets, keep_failed: bool) -> dict:
+def _target_nll(model, tokenizer, mixsd_targets, args: MixSDConfig) -> dict:
     """The base model's NLL of the SFT targets (gold answers) and of the MixSD targets, same questions."""
     from trl_sdx.mixsd import target_nll_stats
 
-    keep = mixsd_targets.kept_indices(keep_failed)
+    keep = mixsd_targets.kept_indices(args.keep_failed)
     questions = [mixsd_targets.questions[i] for i in keep]
+    kwargs = dict(chat_template_kwargs=args.chat_template_kwargs)
     return {
-        "sft": target_nll_stats(model, tokenizer, questions, [mixsd_targets.gold_answers[i].strip() for i in keep]),
-        "mixsd": target_nll_stats(model, tokenizer, questions, [mixsd_targets.targets[i].completion for i in keep]),
+        "sft": target_nll_stats(model, tokenizer, questions, [mixsd_targets.gold_answers[i].strip() for i in keep],
+                                **kwargs),
+        "mixsd": target_nll_stats(model, tokenizer, questions, [mixsd_targets.targets[i].completion for i in keep],
+                                  **kwargs),
     }
 
 
-def _write_report(report: dict, script_args: MixSDScriptArguments, training_args: MixSDConfig,
+def _target_rows(mixsd_targets) -> list[dict]:
+    """Per fact: question, gold answer, target and how it was obtained (the report file's detail)."""
+    return [{"question": q, "gold": g, **t.to_dict()}
+            for q, g, t in zip(mixsd_targets.questions, mixsd_targets.gold_answers, mixsd_targets.targets,
+                               strict=True)]
+
+
+def targets_summary(stats: dict, target_nll: dict | None = None) -> str:
+    """One line about the targets (the report file holds the per-fact detail)."""
+    line = (f"MixSD targets: {stats['num_examples']} facts, {stats['num_accepted']} accepted, "
+            f"{stats['num_dropped']} dropped ({stats.get('num_truncated', 0)} cut off by max_new_tokens), "
+            f"naive-token share {stats['naive_token_share']:.2f}, mean retries {stats['mean_retries']:.2f}")
+    if target_nll:
+        line += (f"; base-model tokens with NLL > 5: SFT {target_nll['sft']['high_nll_share']:.2f}, "
+                 f"MixSD {target_nll['mixsd']['high_nll_share']:.2f}")
+    return line
+
+
+def evaluation_summary(report: dict) -> str:
+    """One line: memorisation and probe accuracy (base → trained when both were evaluated), retention."""
+    def figure(name):
+        values = [f"{report[stage][name]:.2f}" for stage in ("base", "trained") if stage in report]
+        return " → ".join(values)
+
+    line = f"MixSD evaluation: memorisation {figure('memorisation')}, probe accuracy {figure('probe_accuracy')}"
+    retention = report.get("trained", {}).get("retention")
+    return line + (f" (retention {retention:.2f})" if retention is not None else "")
+
+
+def _write_report(report: dict, summary: str, script_args: MixSDScriptArguments, training_args: MixSDConfig,
                   default_name: str = "mixsd_eval.json") -> None:
+    """The whole report to a JSON file in the output dir; one summary line to the console."""
     path = script_args.eval_output_file or os.path.join(training_args.output_dir, default_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k != "targets"}, indent=2))
-    print(f"MixSD report written to {path}")
+    print(f"{summary}. Details: {path}")
 
 
 def main(script_args: MixSDScriptArguments, training_args: MixSDConfig, model_args: ModelConfig):
@@ -169,15 +202,17 @@ def main(script_args: MixSDScriptArguments, training_args: MixSDConfig, model_ar
             del base
         model, tokenizer = _load(model_args.model_name_or_path, training_args)
         report["trained"] = _knowledge(model, tokenizer, train_dataset, probe, training_args, max_new, base_probe)
-        _write_report(report, script_args, training_args)
+        _write_report(report, evaluation_summary(report), script_args, training_args)
         return
 
     if script_args.generate_only:
         model, tokenizer = _load(model_args.model_name_or_path, training_args)
         targets = build_mixsd_targets(model, tokenizer, train_dataset, training_args)
         report = {"stats": targets.stats, "cache_entry": targets.cache_entry, "from_cache": targets.from_cache,
-                  "target_nll": _target_nll(model, tokenizer, targets, training_args.keep_failed)}
-        _write_report(report, script_args, training_args, default_name="mixsd_targets.json")
+                  "target_nll": _target_nll(model, tokenizer, targets, training_args),
+                  "targets": _target_rows(targets)}
+        summary = targets_summary(targets.stats, report["target_nll"]) + f"; cache entry {targets.cache_entry}"
+        _write_report(report, summary, script_args, training_args, default_name="mixsd_targets.json")
         return
 
     trainer = MixSDTrainer(
@@ -188,21 +223,23 @@ def main(script_args: MixSDScriptArguments, training_args: MixSDConfig, model_ar
         peft_config=get_peft_config(model_args),
     )
     is_main = trainer.accelerator.is_main_process
-    report = {"model": model_args.model_name_or_path, "mixsd_stats": trainer.mixsd_stats}
+    report = {"model": model_args.model_name_or_path, "mixsd_stats": trainer.mixsd_stats,
+              "targets": _target_rows(trainer.mixsd_targets)}
+    trainer.accelerator.print(targets_summary(trainer.mixsd_stats))
     if script_args.evaluate and is_main:
         # Before training the model is still the base (a fresh LoRA adapter is the identity; disabled anyway).
         with base_model_context(trainer.model):
             report["base"] = _knowledge(trainer.model, trainer.processing_class, train_dataset, probe,
                                         training_args, max_new)
             report["target_nll"] = _target_nll(trainer.model, trainer.processing_class, trainer.mixsd_targets,
-                                               training_args.keep_failed)
+                                               training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if script_args.evaluate and is_main:
         report["trained"] = _knowledge(trainer.model, trainer.processing_class, train_dataset, probe, training_args,
                                        max_new, report["base"]["probe_accuracy"])
-        _write_report(report, script_args, training_args)
+        _write_report(report, evaluation_summary(report), script_args, training_args)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 
