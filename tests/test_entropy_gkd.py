@@ -289,7 +289,8 @@ def _reference_loss(trainer, batch):
     t = batch["completion_ids"].size(1)
     student_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -t - 1 : -1]
     with torch.no_grad():
-        teacher_logits = trainer.teacher_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -t - 1 : -1]
+        teacher_logits = trainer.teacher_model(input_ids=input_ids, attention_mask=attention_mask).logits
+    teacher_logits = teacher_logits[:, -t - 1 : -1]
     args = trainer.args
     loss, stats = reference_eopd(student_logits.double(), teacher_logits.double(), batch["completion_ids"],
                                  batch["completion_mask"], batch.get("old_logprobs"), tau=args.tau, alpha=args.alpha,
