@@ -21,7 +21,7 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import Sampler
 from transformers import AutoTokenizer, ProcessorMixin
 from trl import DistillationTrainer
-from trl.models.utils import disable_gradient_checkpointing
+from trl.models.utils import disable_gradient_checkpointing, prepare_fsdp
 from trl.trainer.utils import (
     RepeatSampler,
     repeat_iterable_dataset,
@@ -189,6 +189,10 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
                 tools=tools,
             )
 
+        if self.is_fsdp_enabled:
+            # DistillationTrainer keeps a whole teacher on every GPU under FSDP (`prepare_model(evaluation_mode=True)`
+            # does not shard); shard it like GRPOTrainer's reference model, so an 8B teacher is not replicated.
+            self.teacher_model = prepare_fsdp(self.teacher_model, self.accelerator)
         unwrapped_student = self.accelerator.unwrap_model(self.model)
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         check_same_vocab(unwrapped_student, unwrapped_teacher, self._tokenizer, teacher_processing_class)
