@@ -29,6 +29,8 @@ def main(method: str, out_dir: str, overrides: str = "{}") -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     weights = {name: _full(p).detach().double() for name, p in model.named_parameters() if p.requires_grad}
     checksum = float(sum(w.sum() for w in weights.values()))
+    teacher = getattr(trainer, "teacher_model", None)
+    teacher_types = sorted({type(p).__name__ for p in teacher.parameters()}) if teacher is not None else []
     torch.save(weights, os.path.join(out_dir, f"weights{trainer.accelerator.process_index}.pt"))
     record = {
         "rank": trainer.accelerator.process_index,
@@ -37,6 +39,7 @@ def main(method: str, out_dir: str, overrides: str = "{}") -> None:
         "trainable_checksum": checksum,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "parameter_types": sorted({type(p).__name__ for p in model.parameters()}),
+        "teacher_parameter_types": teacher_types,
     }
     with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)

@@ -44,6 +44,7 @@ def test_fsdp2_two_processes_train_like_ddp(tmp_path):
     fsdp2, ddp = ranks["fsdp2"], ranks["ddp"]
     assert [r["distributed_type"] for r in fsdp2] == ["DistributedType.FSDP"] * 2
     assert all(r["parameter_types"] == ["DTensor"] for r in fsdp2)  # really sharded, not replicated
+    assert all(r["teacher_parameter_types"] == ["DTensor"] for r in fsdp2)  # the frozen teacher too
     assert ddp[0]["distributed_type"] == "DistributedType.MULTI_CPU"
     assert sorted(fsdp2[0]["losses"]) == ["1", "2"]  # two optimizer steps logged
     assert fsdp2[0]["losses"] == fsdp2[1]["losses"]

@@ -189,8 +189,8 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
                 tools=tools,
             )
 
-        if self.is_fsdp_enabled:
-            # DistillationTrainer keeps a whole teacher on every GPU under FSDP (`prepare_model(evaluation_mode=True)`
+        if self.accelerator.is_fsdp2:
+            # DistillationTrainer keeps a whole teacher on every GPU under FSDP2 (`prepare_model(evaluation_mode=True)`
             # does not shard); shard it like GRPOTrainer's reference model, so an 8B teacher is not replicated.
             self.teacher_model = prepare_fsdp(self.teacher_model, self.accelerator)
         unwrapped_student = self.accelerator.unwrap_model(self.model)
