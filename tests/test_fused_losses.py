@@ -422,3 +422,58 @@ def test_teacher_targets_from_bf16_teacher():
     assert bf16.entropy.dtype == torch.float32 and bf16.topk_logprobs.dtype == torch.float32
     for name in ("entropy", "logprob"):
         assert _rel_err(getattr(bf16, name), getattr(fp32, name)) < TOLERANCE[torch.bfloat16], name
+
+
+class _NoHostSync:
+    """Fails any device-to-host read (`bool()`, `.item()`, `.tolist()`, `int()`, `float()`) inside the block."""
+
+    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__")
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+        def refuse(name):
+            def method(*args, **kwargs):
+                raise AssertionError(f"host sync: Tensor.{name}")
+            return method
+
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, refuse(name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("compiled_shape_path", [False, True])
+def test_student_loss_step_reads_nothing_back_from_the_device(monkeypatch, compiled_shape_path):
+    """The trainer's loss step (`check_finite=False`, targets given) and its backward: no `.item()` / `bool()`;
+    the verdict on the inputs stays a device flag (the valid-row selection's `nonzero` is the one sync left)."""
+    if compiled_shape_path:  # the padded fixed-shape path, traced eagerly (see the bucket test above)
+        monkeypatch.setattr(fused_module, "_get_step", lambda compiled: (
+            lambda *args: fused_module._chunk_step(*args, functional=True)) if compiled else None)
+    x = _precision_inputs(24)
+    hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    with _NoHostSync():
+        loss, stats = fused_eopd_loss_from_targets(hidden, weight, x["targets"], x["ids"], x["mask"], x["old"],
+                                                   tau=2.0, top_k=5, chunk_size=4, compiled=compiled_shape_path,
+                                                   return_stats=True, check_finite=False)
+        (2.0 * loss).backward()
+    assert bool(stats["inputs_finite"]) and weight.grad.abs().sum() > 0
+
+
+def test_token_logprobs_skip_padding():
+    """π_old at rollout time: computed on valid rows only (padding may hold anything), 0 there."""
+    from trl_sdx.losses import token_logprobs
+
+    x = make_inputs(25)
+    hidden = x["student_hidden"].detach().clone()
+    pad = x["mask"] == 0
+    hidden[pad] = float("nan")
+    got = token_logprobs(hidden, x["student_weight"], x["ids"], x["mask"], bias=x["student_bias"],
+                         temperature=0.8, chunk_size=4)
+    want = (logits(x["student_hidden"], x["student_weight"], x["student_bias"]).detach() / 0.8).log_softmax(-1)
+    want = want.gather(-1, x["ids"][..., None]).squeeze(-1)
+    torch.testing.assert_close(got[~pad], want[~pad])
+    assert torch.all(got[pad] == 0)
