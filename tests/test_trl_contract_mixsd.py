@@ -42,7 +42,8 @@ def test_mixsd_fields_do_not_shadow_sft_fields():
     own = {f.name for f in dataclasses.fields(MixSDConfig)} - sft_fields
     expected = {"lambda_mix", "temperature", "top_k", "max_new_tokens", "max_retries", "answer_match", "keep_failed",
                 "generation_batch_size", "mixsd_seed", "mixsd_cache_dir", "prompt_template", "expert_prefix",
-                "expert_transition", "question_column", "answer_column", "chat_template_kwargs", "mixsd_targets_path"}
+                "expert_transition", "question_column", "answer_column", "chat_template_kwargs", "mixsd_targets_path",
+                "mixsd_use_vllm", "mixsd_vllm_gpu_memory_utilization", "mixsd_vllm_max_model_len"}
     assert own == expected, f"SFTConfig now defines {expected - own}: rename ours"
     for field in dataclasses.fields(MixSDConfig):
         if field.name in expected:

@@ -112,6 +112,22 @@ class MixSDConfig(SFTConfig):
             "`<output_dir>/mixsd_cache`."
         },
     )
+    mixsd_use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the targets with vLLM (`pip install trl-sdx[vllm]`, temperature 0 only): one greedy "
+            "request per run of same-side steps (about 0.4·L requests per target at λ = 0.3 instead of the "
+            "official L), same tokens as the KV-cache decoder. vLLM loads the weights from the model's path."
+        },
+    )
+    mixsd_vllm_gpu_memory_utilization: float = field(
+        default=0.5,
+        metadata={"help": "vLLM's `gpu_memory_utilization` while building targets (the engine is freed before SFT)."},
+    )
+    mixsd_vllm_max_model_len: int | None = field(
+        default=10000,
+        metadata={"help": "vLLM's `max_model_len` while building targets (official 10000; None: the model's)."},
+    )
     mixsd_targets_path: str | None = field(
         default=None,
         metadata={
@@ -168,6 +184,9 @@ class MixSDConfig(SFTConfig):
         resolve_template(self.prompt_template, self.expert_prefix, self.expert_transition)
         if self.answer_match not in ANSWER_MATCHES:
             raise ValueError(f"`answer_match` must be one of {list(ANSWER_MATCHES)}, got {self.answer_match!r}.")
+        if self.mixsd_use_vllm and self.temperature != 0:
+            raise ValueError("`mixsd_use_vllm=True` builds greedy targets only: set `temperature=0` (the paper's) or "
+                             "`mixsd_use_vllm=False` to sample with the KV-cache decoder.")
         if isinstance(self.chat_template_kwargs, str):  # from the command line
             self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):

@@ -9,6 +9,7 @@ differ (T = 0 with λ ∈ {0, 1} is deterministic); an example that never passes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answers import boxed_answer_checker
-from .mixed_decoding import _eos_ids, mixed_generate
+from .mixed_decoding import MixedGenerationOutput, _eos_ids, mixed_generate
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def rejection_sample(
     eos_token_id: int | Sequence[int] | None = None,
     example_indices: Sequence[int] | None = None,
     disable_progress: bool = True,
+    decoder: Callable[..., MixedGenerationOutput] | None = None,
 ) -> list[MixedTarget]:
     """Mixed targets for every example, regenerating failures up to `max_retries` extra attempts.
 
@@ -83,6 +85,8 @@ def rejection_sample(
     its result depends neither on `batch_size` nor on the other examples, nor on which process of a sharded run
     builds it. Returns one `MixedTarget` per example, in order (`accepted=False` for those that never passed: the
     caller decides whether to drop them). `disable_progress=False` shows a tqdm bar over finished examples.
+    `decoder(naive_ids, expert_ids, **decoding_kwargs)` replaces the KV-cache decoder `mixed_generate(model, ...)`
+    (e.g. `vllm_decoding.VLLMTargetDecoder`); it gets the same arguments and returns a `MixedGenerationOutput`.
     """
     if max_retries < 0:
         raise ValueError(f"`max_retries` must be >= 0 (0 disables retries), got {max_retries}.")
@@ -100,6 +104,7 @@ def rejection_sample(
     if attempts_allowed == 1 and max_retries > 0:
         logger.info("MixSD: T = 0 with λ = %s decodes the same sequence every time; retries skipped.", lambda_mix)
     generators = [torch.Generator().manual_seed(example_seed(seed, i)) for i in indices]
+    decode = decoder or functools.partial(mixed_generate, model, return_sources=True)
     results: list[MixedTarget | None] = [None] * n
     pending = list(range(n))
     bar = tqdm(total=n, desc="MixSD targets", unit="example", disable=disable_progress)
@@ -108,12 +113,11 @@ def rejection_sample(
         failed = []
         for start in range(0, len(pending), batch_size):
             chunk = pending[start:start + batch_size]
-            output = mixed_generate(
-                model,
+            output = decode(
                 [naive_input_ids[i] for i in chunk],
                 [expert_input_ids[i] for i in chunk],
                 lambda_mix=lambda_mix, temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens,
-                eos_token_id=sorted(stop_ids), generator=[generators[i] for i in chunk], return_sources=True,
+                eos_token_id=sorted(stop_ids), generator=[generators[i] for i in chunk],
             )
             for i, ids, sources in zip(chunk, output.sequences, output.from_naive, strict=True):
                 text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -113,6 +113,7 @@ def target_cache_inputs(model, tokenizer, questions, gold_answers, args, answer_
         "expert_prefix": prefix,
         "expert_transition": transition,
         "answer_checker": callable_identity(answer_checker),
+        "decoder": "vllm" if getattr(args, "mixsd_use_vllm", False) else "kv_cache",  # different kernels
     }
 
 
@@ -187,7 +188,8 @@ def build_mixsd_targets(
         getattr(args, "chat_template_kwargs", None),
     )
     started = time.perf_counter()
-    with base_model_context(model):
+    decoder = _vllm_decoder(model, args, state) if getattr(args, "mixsd_use_vllm", False) else None
+    with base_model_context(model), contextlib.closing(decoder) if decoder else contextlib.nullcontext():
         shard = rejection_sample(
             model, tokenizer, naive_ids, expert_ids, [gold_answers[i] for i in mine],
             lambda_mix=args.lambda_mix, temperature=args.temperature, top_k=args.top_k,
@@ -195,6 +197,7 @@ def build_mixsd_targets(
             batch_size=args.generation_batch_size, seed=key_inputs["seed"], answer_checker=checker,
             eos_token_id=key_inputs["stop_token_ids"], example_indices=mine,
             disable_progress=bool(getattr(args, "disable_tqdm", False)) or not state.is_local_main_process,
+            decoder=decoder,
         )
     elapsed = time.perf_counter() - started
     gathered = _gather([(i, t.to_dict()) for i, t in zip(mine, shard, strict=True)], state)
@@ -213,6 +216,15 @@ def build_mixsd_targets(
         stats["mean_retries"], entry,
     )
     return MixSDTargets(questions, gold_answers, targets, stats, entry, False, metadata)
+
+
+def _vllm_decoder(model, args, state):
+    from .vllm_decoding import VLLMTargetDecoder
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return VLLMTargetDecoder(model.config._name_or_path, seed=args.seed, dtype=dtype, num_processes=state.num_processes,
+                             gpu_memory_utilization=args.mixsd_vllm_gpu_memory_utilization,
+                             max_model_len=args.mixsd_vllm_max_model_len)
 
 
 def _load_prebuilt(path, questions, gold_answers, args) -> MixSDTargets:
