@@ -149,6 +149,8 @@ def worker(plan_path: str, results_path: str) -> None:
     for section in job["sections"]:
         if section.get("distributed"):  # a process group of one, as `accelerate launch --num_processes 1` sets up
             os.environ.update(section["distributed_env"])
+            if device.type == "cpu":
+                ctx["cpu_fsdp2"] = _allow_fsdp2_on_cpu()
         module = importlib.import_module(section["module"])
         ctx["deadline"] = section["deadline"]
         min_s = cfg["task_min_s"].get(section["name"], cfg["task_min_s"]["default"])
@@ -172,6 +174,20 @@ def worker(plan_path: str, results_path: str) -> None:
             result["elapsed_s"] = time.perf_counter() - start
             emit({"event": "result", **key, "result": result})
             print(f"  {task['name']}: {_summary(result)}", flush=True)
+
+
+def _allow_fsdp2_on_cpu() -> str | None:
+    """accelerate enables FSDP only on accelerators; tests/cpu_fsdp2.py (the FSDP2 tests' switch) lets its FSDP2
+    plugin run on CPU with gloo, so the CPU run goes through the same fully_shard / DTensor lm_head code as a GPU.
+    Returns why not when that helper is missing (the runs are then DDP, and say so)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    try:
+        from cpu_fsdp2 import allow_fsdp2_on_cpu
+    except ImportError as error:
+        return f"tests/cpu_fsdp2.py is not importable ({error})"
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    allow_fsdp2_on_cpu()
+    return None
 
 
 def _summary(result: dict) -> str:

@@ -209,11 +209,15 @@ def run_trainer_task(task: dict, ctx: dict) -> dict:
     }
     if generation_times:
         result["generation_s"] = statistics.median(generation_times[warm:] or generation_times)
-    if task.get("fsdp2") and meter.device.type == "cuda" and not (fsdp_enabled and dtensor_head):
-        raise RuntimeError(f"FSDP2 was requested but the trainer ran with fsdp_enabled={fsdp_enabled}, "
-                           f"lm_head DTensor={dtensor_head}: the DTensor lm_head path did not run")
-    if task.get("fsdp2") and meter.device.type != "cuda":
-        result["note"] = "CPU: accelerate enables FSDP only on accelerators, so this ran as DDP with world size 1"
+    if task.get("fsdp2"):
+        cpu_fallback = meter.device.type == "cpu" and ctx.get("cpu_fsdp2")  # why FSDP2 could not run on this CPU
+        if cpu_fallback:
+            result["note"] = f"CPU without FSDP2 ({cpu_fallback}): ran as DDP with world size 1"
+        elif not (fsdp_enabled and dtensor_head):
+            raise RuntimeError(f"FSDP2 was requested but the trainer ran with fsdp_enabled={fsdp_enabled}, "
+                               f"lm_head DTensor={dtensor_head}: the DTensor lm_head path did not run")
+        elif meter.device.type == "cpu":
+            result["note"] = "CPU: accelerate's FSDP2 plugin on gloo (tests/cpu_fsdp2.py)"
     return result
 
 

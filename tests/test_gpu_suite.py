@@ -78,7 +78,9 @@ def test_trainer_tasks_are_measured_against_their_peers(tiny_report):
     assert eopd["eopd"]["completion_mean_length"] == report["config"]["trainers"]["completion_len"]
     assert report["sections"]["mixsd"]["tasks"]["mixsd"]["peer"] == "sft"
     assert report["sections"]["mixsd"]["tasks"]["target_generation"]["ratio_mixed_over_generate"] > 0
-    assert "CPU" in report["sections"]["fsdp2"]["tasks"]["eopd_fsdp2"]["note"]  # not silently a DDP run
+    for task in ("eopd_fsdp2", "sdzero_fsdp2"):  # really FSDP2 (accelerate's plugin on gloo), not a DDP run
+        result = report["sections"]["fsdp2"]["tasks"][task]
+        assert result["fsdp_enabled"] and result["lm_head_dtensor"], result
     for heading in ("## Loss kernels", "## Trainer steps", "## Sections"):
         assert heading in markdown
 
