@@ -63,9 +63,16 @@ def test_prompt_over_the_limit_is_an_error_not_a_truncation():
         check_prompt_length(1025, 1024)
 
 
-def test_trainer_refuses_a_rollout_with_a_long_prompt(tmp_path):
+def test_trainer_counts_long_prompts_at_construction(tmp_path):
     from tiny_trainers import build_entropy_gkd
 
-    trainer = build_entropy_gkd(tmp_path, max_steps=1, max_prompt_length=4)  # the chat-formatted prompts are longer
-    with pytest.raises(ValueError, match="more than `max_prompt_length`=4"):
-        trainer.train()
+    trainer = build_entropy_gkd(tmp_path, max_steps=1, max_prompt_length=64)
+    tokenizer = trainer.processing_class
+    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"])
+               for p in trainer.train_dataset["prompt"]]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half of the prompts are longer
+    too_long = sum(length > limit for length in lengths)
+    assert 0 < too_long < len(lengths)
+    with pytest.raises(ValueError, match=f"{too_long} of the {len(lengths)} prompts .* longer than "
+                                         f"`max_prompt_length`={limit} tokens \\(the longest has {max(lengths)}\\)"):
+        build_entropy_gkd(tmp_path, max_steps=1, max_prompt_length=limit)

@@ -47,7 +47,7 @@ from ..losses.eopd import full_teacher_needed
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
 from .end_of_turn import resolve_end_of_turn_mapping, teacher_completion_ids
 from .entropy_gkd_config import EntropyAwareGKDConfig
-from .prompt_length import check_prompt_length
+from .prompt_length import check_dataset_prompt_lengths, check_prompt_length
 from .vllm_sizing import rollout_sized_vllm
 
 logger = get_logger(__name__)
@@ -208,6 +208,8 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
                     "logits."
                 )
 
+        # The paper's prompt limit: counted over the whole training set now, not met hours into the run.
+        check_dataset_prompt_lengths(self.train_dataset, self._tokenize_prompts, args.max_prompt_length)
         # π_old differs from the current student only if an optimizer step happens between the rollout and a
         # micro-batch that uses it; otherwise the loss uses the current log-probs, detached (GRPO does the same).
         self._needs_old_logprobs = args.optimizer_steps_per_rollout > 1
