@@ -98,9 +98,9 @@ class EntropyAwareGKDConfig(DistillationConfig):
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Longest prompt accepted, in tokens (paper 1024). A rollout holding a longer prompt raises an "
-            "error naming the fix (filter the dataset); nothing is truncated. `None`: no limit but the model's "
-            "context."
+            "help": "Longest prompt accepted, in tokens (paper 1024). Longer prompts are an error naming the fix "
+            "(filter the dataset), counted over the training set at construction (each rollout of a streamed one); "
+            "nothing is truncated. `None`: no limit but the model's context."
         },
     )
     end_of_turn_mapping: str = field(
