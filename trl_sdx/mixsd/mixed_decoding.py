@@ -278,15 +278,18 @@ def mixed_generate(
             prompts = {"naive": naive_input_ids, "expert": expert_input_ids}
             attention_mask, next_position, last_logits = _prefill(
                 forward, [list(p) for side in sides for p in prompts[side]], pad_id, device)
+        # The pre-drawn randomness goes to the device once, not one copy per step.
+        coins = coins.to(device)
+        uniforms = uniforms.to(device) if uniforms is not None else None
         active = torch.arange(batch_size)  # original indices of the sequences still decoding
+        rows = active.to(device)  # the same, as an index of `coins` / `uniforms`
         for step in range(max_new_tokens):
             n = len(active)
             naive_logits = last_logits[:n] if sides[0] == "naive" else last_logits
             expert_logits = last_logits[-n:]  # == naive_logits when only one side is computed
-            step_uniforms = uniforms[active, step] if uniforms is not None else None
             tokens, from_naive = select_mixed_tokens(
-                naive_logits, expert_logits, coins[active, step].to(device),
-                step_uniforms.to(device) if step_uniforms is not None else None,
+                naive_logits, expert_logits, coins[rows, step],
+                uniforms[rows, step] if uniforms is not None else None,
                 lambda_mix=lambda_mix, temperature=temperature, top_k=top_k,
             )
             tokens_list, from_naive_list = tokens.tolist(), from_naive.tolist()
@@ -306,6 +309,7 @@ def mixed_generate(
                 next_position = next_position[row_index]
                 tokens = tokens[keep_t]
                 active = active[torch.tensor(keep)]
+                rows = rows[keep_t]
             step_ids = tokens.repeat(len(sides)).unsqueeze(-1)  # the chosen token feeds every side
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(step_ids), 1))], dim=-1)
             last_logits = forward(input_ids=step_ids, attention_mask=attention_mask,
