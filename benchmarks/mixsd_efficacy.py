@@ -37,6 +37,7 @@ def _train_config(args, output_dir: str, **extra):
         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, weight_decay=0.01,
         adam_beta1=0.9, adam_beta2=0.95, gradient_checkpointing=False, logging_steps=10, seed=args.seed,
         lambda_mix=args.lambda_mix, max_new_tokens=args.max_new_tokens, max_retries=args.max_retries,
+        answer_match=args.answer_match,
         generation_batch_size=args.generation_batch_size, mixsd_cache_dir=args.cache_dir, **extra,
     )
 
@@ -52,6 +53,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lambda-mix", type=float, default=0.3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-retries", type=int, default=3)
+    parser.add_argument("--answer-match", default="boxed", choices=["boxed", "boxed_or_last_number", "lenient"],
+                        help="MixSD rejection rule (the official fact-QA rule by default)")
     parser.add_argument("--generation-batch-size", type=int, default=25)
     parser.add_argument("--eval-max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,7 +165,8 @@ def _markdown(r: dict) -> str:
         f"{r['num_probe']} held-out probe questions. Both runs start from the same base weights and train "
         f"{a['steps']} steps, batch {a['batch_size']}, lr {a['lr']} (constant after {a['warmup_steps']} warm-up "
         f"steps), AdamW wd 0.01, betas (0.9, 0.95), fp32, full fine-tuning. MixSD: λ = {a['lambda_mix']}, T = 0, "
-        f"max_new_tokens {a['max_new_tokens']}, max_retries {a['max_retries']}. Greedy evaluation "
+        f"max_new_tokens {a['max_new_tokens']}, max_retries {a['max_retries']}, "
+        f"answer_match {a.get('answer_match', 'boxed')}. Greedy evaluation "
         f"({a['eval_max_new_tokens']} new tokens), graded with `lenient_answer_checker`. {r['threads']} threads, "
         f"total {r['seconds']['total_s']:.0f} s.",
         "",
