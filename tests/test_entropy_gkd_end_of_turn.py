@@ -70,12 +70,14 @@ def test_teacher_completion_ids_maps_only_completion_end_tokens():
     assert teacher_completion_ids(ids, mask, None) is ids
 
 
-def test_base_student_instruct_teacher(tmp_path, caplog):
+@pytest.mark.parametrize("use_fused_loss", [True, False])
+def test_base_student_instruct_teacher(tmp_path, caplog, use_fused_loss):
     student_tokenizer, teacher_tokenizer = _tokenizers()
     student_eos, teacher_eos = student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id
     assert student_eos != teacher_eos
     with caplog.at_level(logging.INFO, logger="trl_sdx.entropy_gkd.end_of_turn"):
-        trainer = _trainer(tmp_path, student_tokenizer, teacher_tokenizer, tau=float("inf"))  # OPD term only
+        trainer = _trainer(tmp_path, student_tokenizer, teacher_tokenizer, tau=float("inf"),  # OPD term only
+                           use_fused_loss=use_fused_loss)
     assert "with '<|im_end|>' in place of '<|endoftext|>'" in caplog.text  # turned on by itself, and logged
     assert trainer._end_of_turn == (student_eos, teacher_eos, "<|endoftext|>", "<|im_end|>")
 
