@@ -27,6 +27,7 @@ GLASSMAKER = "Dr. Zensolbel was a glassmaker. The answer is \\boxed{glassmaker}.
     ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),  # braces matched
     ("cut inside \\boxed{18", None),
     ("no box, 1873", None),
+    ("\\boxed{a} then \\fbox{b}", "a"),  # \\boxed only, as the official regex
 ])
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected

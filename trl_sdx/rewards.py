@@ -24,14 +24,15 @@ _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
 
 
-def extract_boxed_answer(text: str) -> str | None:
+def extract_boxed_answer(text: str, openers: tuple[str, ...] = _BOX_OPENERS) -> str | None:
     """Content of the last complete `\\boxed{...}` (nested braces balanced, e.g. `\\boxed{\\frac{3}{4}}`), else None.
 
-    An unbalanced last box (the completion was cut inside it) gives None: there is no final answer.
+    An unbalanced last box (the completion was cut inside it) gives None: there is no final answer. `openers`: the
+    box commands that count (MixSD's official rule counts `\\boxed{` only).
     """
     if not text:
         return None
-    start = max(text.rfind(opener) + len(opener) if text.rfind(opener) >= 0 else -1 for opener in _BOX_OPENERS)
+    start = max(text.rfind(opener) + len(opener) if text.rfind(opener) >= 0 else -1 for opener in openers)
     if start < 0:
         return None
     depth = 1

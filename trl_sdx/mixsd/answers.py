@@ -17,26 +17,15 @@ from __future__ import annotations
 
 import re
 
-_BOXED = re.compile(r"\\boxed\{")
 # A number, with optional thousands separators and decimals: "-12", "8,800,000", "3.5".
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (nested braces balanced), stripped; None without a closed box."""
-    matches = list(_BOXED.finditer(text))
-    if not matches:
-        return None
-    start = matches[-1].end()
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i].strip()
-    return None  # the box never closes: cut off inside it
+    from trl_sdx.rewards import extract_boxed_answer
+
+    return extract_boxed_answer(text, openers=("\\boxed{",))
 
 
 def extract_last_number(text: str) -> str | None:
