@@ -364,9 +364,11 @@ def test_fsdp2_dtensor_lm_head_is_gathered_and_cast_like_trl():
     from trl_sdx.lm_head import gathered_lm_heads
 
     x = _precision_inputs(21)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    owns_group = not dist.is_initialized()
+    if owns_group:  # a one-process gloo group: enough for DTensors on CPU
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,))
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
         class Model(torch.nn.Module):
             def __init__(self):
@@ -391,7 +393,8 @@ def test_fsdp2_dtensor_lm_head_is_gathered_and_cast_like_trl():
                                  (hidden.grad, weight_grad.full_tensor(), model.lm_head.bias.grad.full_tensor()),
                                  torch.bfloat16)
     finally:
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
 
 
 def test_bf16_weight_gradient_is_summed_across_chunks_in_fp32():
