@@ -114,6 +114,6 @@ def check_fits_context(longest_prompt: int, max_new_tokens: int | None, model, *
         raise ValueError(
             f"A prompt of `{argument}` has {longest_prompt} tokens; with `{knob}`={max_new_tokens} that exceeds the "
             f"model's context of {limit} tokens. Drop or shorten long prompts (e.g. `dataset.filter(lambda row: "
-            f"len(tokenizer.apply_chat_template(row['prompt'])) <= {max(limit - max_new_tokens, 0)})`) or lower "
+            f"len(tokenizer.apply_chat_template(row['prompt'], return_dict=True)['input_ids']) <= {max(limit - max_new_tokens, 0)})`) or lower "
             f"`{knob}`."
         )
