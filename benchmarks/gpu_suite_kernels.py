@@ -167,12 +167,24 @@ def _measure_size(step, x, w, meter: Meter, warmups: int, repeats: int) -> dict:
     return row
 
 
+def _reset_compiler() -> None:
+    """Each method starts from empty torch.compile caches: its own compilations are counted, and a peer whose
+    compilation crashed (the Liger failure in ../shared/specs/anchors.md) leaves nothing behind for the next one."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    except Exception as error:  # a private API: a failure to reset is reported, not fatal
+        print(f"    torch._dynamo.reset() failed: {error}", flush=True)
+
+
 def run_task(task: dict, ctx: dict) -> dict:
     """One method over all sizes. Returns {"rows": [...]} with one row per (size visit)."""
     method, cfg, meter = task["name"], ctx["config"]["kernels"], ctx["meter"]
     device, dtype = meter.device, getattr(torch, cfg["dtype"])
     if METHODS[method][1] and device.type != "cuda":
         return {"status": "unavailable", "reason": "needs CUDA (Triton kernel)"}
+    _reset_compiler()
     gen = torch.Generator(device=device).manual_seed(0)
     v, hs, ht = cfg["vocab"], cfg["hidden_student"], cfg["hidden_teacher"]
     w = {"student_weight": (torch.randn(v, hs, device=device, dtype=dtype, generator=gen) * 3.0 / hs**0.5)

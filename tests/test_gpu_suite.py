@@ -85,6 +85,17 @@ def test_trainer_tasks_are_measured_against_their_peers(tiny_report):
         assert heading in markdown
 
 
+def test_gpu_report_evaluates_the_targets(tiny_report):
+    """The GPU-only part of the report (the issue's targets) runs on the tiny results relabelled as a GPU run."""
+    report = json.loads(json.dumps(tiny_report[0]))
+    report["mode"] = "gpu"
+    gpu_suite.add_ratios(report)
+    targets = report["targets"]
+    assert targets["eopd step <= 1.1x distillation"] in (True, False)
+    assert targets["fused_eopd_compiled: no crash, no recompilation after warm-up at any N"] in (True, False)
+    assert "## Targets (issue 9)" in gpu_suite.to_markdown(report)
+
+
 def test_a_spent_budget_is_recorded_as_skipped_not_dropped(tmp_path):
     section = dict(gpu_suite.plan()[-1], deadline=time.time() - 1)
     args = type("Args", (), {"mode": "tiny", "device": "cpu"})()
