@@ -30,6 +30,7 @@ from trl.trainer.utils import (
 )
 
 from ..liger import apply_liger_kernel_to_models, prepare_liger_kernel
+from ..callbacks import RunArtifactsMixin
 from ..lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from ..losses import (
     TeacherTargets,
@@ -74,7 +75,7 @@ def _is_conversational(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
-class EntropyAwareGKDTrainer(DistillationTrainer):
+class EntropyAwareGKDTrainer(RunArtifactsMixin, DistillationTrainer):
     """
     On-policy distillation with the entropy-aware objective of "Entropy-Aware On-Policy Distillation of Language
     Models" (Jin et al., 2026). The student samples completions; per completion token the loss is the PPO-clipped
@@ -101,6 +102,7 @@ class EntropyAwareGKDTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "distillation", "trl-sdx", "eopd"]
     _name = "EntropyAwareGKD"
+    _plot_metrics = ("eopd/teacher_entropy", "eopd/gate_fraction", "eopd/fkl_gated", "eopd/rkl_estimate", "entropy")
     _paper = {
         "title": "Entropy-Aware On-Policy Distillation of Language Models",
         "id": "2603.07079",

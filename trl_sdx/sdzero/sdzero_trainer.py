@@ -25,6 +25,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
 from trl_sdx.liger import apply_liger_kernel_to_models, prepare_liger_kernel, resolve_loss_implementation
+from trl_sdx.callbacks import RunArtifactsMixin
 from trl_sdx.lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from trl_sdx.losses import fused_topk_distillation_loss, liger_topk_distillation_loss, topk_distillation_loss
 from trl_sdx.models import resolve_model_name_or_path
@@ -73,7 +74,7 @@ def _resolve_teacher_mode(mode: str, has_teacher: bool, has_peft: bool) -> str:
     return mode
 
 
-class SDZeroTrainer(DistillationTrainer):
+class SDZeroTrainer(RunArtifactsMixin, DistillationTrainer):
     """Phase 2 of Self-Distillation Zero: on-policy distillation from the model's own reward-conditioned reviser.
 
     Per prompt x: sample y ~ pi_theta(.|x), grade it (r in {0, 1}), build the teacher input
@@ -110,6 +111,7 @@ class SDZeroTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "trl-sdx", "sdzero", "distillation"]
     _name = "SD-Zero"
+    _plot_metrics = ("sdzero/reward_mean", "sdzero/kl", "sdzero/kl_correct", "sdzero/kl_incorrect")
     _paper = {
         "title": "Self-Distillation Zero: Self-Revision Turns Binary Rewards into Dense Supervision",
         "id": "2604.12002",
