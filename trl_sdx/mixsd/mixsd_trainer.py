@@ -14,7 +14,6 @@ from trl.trainer.utils import create_model_from_path
 
 from ..callbacks import RunArtifactsMixin
 from ..liger import check_liger_kernel_usable
-from ..callbacks import RunArtifactsMixin
 from ..models import load_tokenizer, resolve_model_name_or_path
 from ..validation import check_columns, check_tokenizer, check_top_k
 from .mixsd_config import MixSDConfig
