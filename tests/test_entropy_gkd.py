@@ -256,6 +256,27 @@ def test_num_iterations_reuses_the_rollout_for_several_passes(tmp_path):
     assert trainer.max_log_ratio[0] < 1e-5 and min(trainer.max_log_ratio[1:]) > 1e-3
 
 
+class CorruptedTargets(EntropyAwareGKDTrainer):
+    """Plants a NaN in the stored teacher entropy of one valid token of every rollout."""
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        row, col = output["completion_mask"].nonzero()[0].tolist()
+        output["teacher_entropy"][row, col] = float("nan")
+        return output
+
+
+def test_non_finite_inputs_raise_at_the_logging_step_not_per_micro_step(tmp_path):
+    """The loss step reads nothing back from the device; the finiteness flag it keeps is read when the metrics
+    are logged, and raises there naming what to check."""
+    tokenizer, student, teacher = pair()
+    trainer = CorruptedTargets(student, teacher, args=config(tmp_path, max_steps=2, logging_steps=2),
+                               train_dataset=prompts(4), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # both micro-steps ran; the first log (step 2) raised
+
+
 def test_each_micro_batch_is_normalised_by_its_optimizer_steps_tokens(tmp_path):
     tokenizer, student, teacher = pair()
     args = config(tmp_path, gradient_accumulation_steps=2, steps_per_generation=4)

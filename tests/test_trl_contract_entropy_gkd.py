@@ -41,8 +41,10 @@ def test_overridden_hook_signatures():
     assert params(DistillationTrainer._generate_and_score_completions) == ["self", "inputs"]
     assert params(DistillationTrainer.compute_loss) == ["self", "model", "inputs", "return_outputs",
                                                         "num_items_in_batch"]
+    # `log` reads the loss statistics kept on the device, then hands over to DistillationTrainer.log
+    assert params(DistillationTrainer.log) == ["self", "logs", "start_time"]
     for name in ("get_train_dataloader", "_get_train_sampler", "_prepare_inputs", "_generate_and_score_completions",
-                 "compute_loss"):
+                 "compute_loss", "log"):
         assert params(getattr(EntropyAwareGKDTrainer, name)) == params(getattr(DistillationTrainer, name)), name
 
 
