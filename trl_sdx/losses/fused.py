@@ -148,10 +148,6 @@ def _pad(x, rows: int):
     return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
 
-def _accumulate(acc: torch.Tensor, product: torch.Tensor) -> None:
-    acc.add_(product)  # `product` may be bf16 (fp32-accumulated inside the matmul); the running sum stays fp32
-
-
 class ChunkedLinearLoss(torch.autograd.Function):
     """sum over rows of chunk_fn(hidden @ W^T + b, ...) * scale, with the lm_head gradients computed chunk by
     chunk in the forward. Returns (loss, stat sums, per-row loss, inputs-finite flag); only the loss is
@@ -220,8 +216,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 if want_weight:
                     if compute == accumulate:
                         grad_weight.addmm_(grad_logits.t(), hidden)
-                    else:
-                        _accumulate(grad_weight, grad_logits.t() @ hidden)
+                    else:  # a bf16 product (fp32-accumulated inside the matmul) added to the fp32 running sum
+                        grad_weight += grad_logits.t() @ hidden
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0, dtype=accumulate)
                 del grad_logits
