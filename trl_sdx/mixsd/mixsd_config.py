@@ -25,8 +25,9 @@ class MixSDConfig(SFTConfig):
         y_t from π(· | x⁻, y_<t) if u_t < λ else π(· | x⁺, y_<t),   u_t ~ U(0, 1)
 
     with x⁻ = chat(user=question) and x⁺ = chat(user=question + PREFIX + "\n" + y*.strip() + TRANSITION); greedy at
-    T = 0, else sampled from softmax(top-k logits / T). Targets whose final answer does not match y*'s are
-    regenerated up to `max_retries` times. Training is then plain completion-only SFT of y given x⁻.
+    T = 0, else sampled from softmax(top-k logits / T). Targets that are cut off or whose answer does not match y*'s
+    (official rule: the last \boxed{} equals y*'s exactly) are regenerated up to `max_retries` times. Training is
+    then plain completion-only SFT of y given x⁻, rendered with the same `chat_template_kwargs` as generation.
 
     The paper's training set-up (constant lr after 20 warm-up steps, lr 1e-5, AdamW wd 0.01, betas (0.9, 0.95),
     global batch 16) is set through the usual `SFTConfig` fields.

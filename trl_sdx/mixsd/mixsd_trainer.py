@@ -35,7 +35,8 @@ class MixSDTrainer(RunArtifactsMixin, SFTTrainer):
             given the question, or any dataset `SFTTrainer` accepts.
         processing_class: the tokenizer (needs a chat template and a pad token); loaded from `model` when None.
         answer_checker: `checker(completion_text, gold_answer_text) -> bool` for rejection sampling; defaults to
-            comparing final answers (last \\boxed{}, else last number) under math-verify.
+            the rule `args.answer_match` names (official fact QA: the last \\boxed{} equals the gold one exactly).
+            A target cut off by `max_new_tokens` fails before the checker is asked.
         peft_config, data_collator, callbacks, optimizers, **kwargs: as for `SFTTrainer`.
 
     After construction, `trainer.mixsd_targets` holds the targets and `trainer.mixsd_stats` the naive-token share,
