@@ -1,15 +1,18 @@
 """MixSD knowledge injection from the command line: build the mixed targets with the base model, then SFT.
 
 ```bash
-# Offline demo: inject 50 fictional facts into SmolLM2-135M-Instruct, then report memorisation and retention
-trl-sdx mixsd --config examples/configs/mixsd.yaml
+# Offline CPU demo: inject 20 fictional facts into SmolLM2-135M-Instruct, then report memorisation and retention
+trl-sdx mixsd --config examples/configs/mixsd_demo.yaml
 
-# Only build (or reload from the cache) the targets and print their statistics
-trl-sdx mixsd --config examples/configs/mixsd.yaml --generate_only
+# Only build (or reload from the cache) the targets; one summary line, per-fact detail in mixsd_targets.json
+trl-sdx mixsd --config examples/configs/mixsd_demo.yaml --generate_only
 
 # Evaluate a trained model: memorisation on the injected facts, retention relative to the base model
-trl-sdx mixsd --config examples/configs/mixsd.yaml --evaluate_only \
-    --model_name_or_path outputs/mixsd-smollm2 --base_model_name_or_path smollm2-135m-instruct
+trl-sdx mixsd --config examples/configs/mixsd_demo.yaml --evaluate_only \
+    --model_name_or_path outputs/mixsd_demo --base_model_name_or_path smollm2-135m-instruct
+
+# The paper's settings on a GPU (Qwen3-1.7B; every GPU builds a shard of the targets under multi_gpu)
+trl-sdx mixsd --config examples/configs/mixsd.yaml --accelerate_config multi_gpu
 
 # Your own data: a hub dataset or local path with `question` / `answer` columns (the gold answer turn)
 trl-sdx mixsd --model_name_or_path Qwen/Qwen3-1.7B --dataset_name my/facts --lambda_mix 0.3 \
