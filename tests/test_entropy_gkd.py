@@ -445,7 +445,8 @@ def test_cli_help_lists_the_eopd_options(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--tau", "--alpha", "--fkl_top_k", "--clip_eps", "--rkl_estimator", "--steps_per_generation",
-                 "--use_fused_loss", "--loss_chunk_size", "--teacher_model_name_or_path", "--dataset_name"):
+                 "--use_fused_loss", "--loss_chunk_size", "--loss_compiled", "--teacher_model_name_or_path",
+                 "--dataset_name"):
         assert flag in text, flag
 
 
