@@ -210,7 +210,9 @@ def main(script_args: MixSDScriptArguments, training_args: MixSDConfig, model_ar
 
     if script_args.generate_only:
         model, tokenizer = _load(model_args.model_name_or_path, training_args)
-        targets = build_mixsd_targets(model, tokenizer, train_dataset, training_args)
+        targets = build_mixsd_targets(model, tokenizer, train_dataset, training_args)  # sharded across processes
+        if not training_args.distributed_state.is_main_process:
+            return
         report = {"stats": targets.stats, "cache_entry": targets.cache_entry, "from_cache": targets.from_cache,
                   "target_nll": _target_nll(model, tokenizer, targets, training_args),
                   "targets": _target_rows(targets)}
