@@ -45,10 +45,10 @@ args = EntropyAwareGKDConfig(
     learning_rate=2e-5,
     lr_scheduler_type="constant",
     logging_steps=1,
-    bf16=on_gpu,
+    # bf16 is left unset: bf16 on a GPU that supports it, fp32 on a CPU (trl_sdx.precision)
     use_cpu=not on_gpu,
-    gradient_checkpointing=on_gpu,
-    save_strategy="no",
+    activation_checkpointing=on_gpu,
+    save_strategy="no",  # no checkpoints; metrics.jsonl, trainer_state.json and the plot are still written
     report_to="none",
 )
 

@@ -133,3 +133,84 @@ def test_single_process_runs_pass_accelerates_defaults(monkeypatch):
                                                   "--mixed_precision", "no", "--dynamo_backend", "no"]
     assert single_process_launch_defaults(["--num_processes", "2"])[:2] == ["--num_machines", "1"]
     assert single_process_launch_defaults(["--config_file", "x.yaml"]) == []  # the file decides
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real launches: no warnings we cause, the run's files, one line for a failed training process (issue 12)
+# ---------------------------------------------------------------------------------------------------------------
+
+OUR_WARNINGS = (
+    "`gradient_checkpointing` is deprecated",  # TRL's default under transformers' deprecated name
+    "were not passed to `accelerate launch`",  # accelerate filling --num_processes & co. itself
+    "You passed `model_init_kwargs`",  # SFTTrainer in SD-Zero phase 1
+    "Your setup doesn't support bf16",
+)
+
+
+def _cli(*args, env_extra=None, cwd=None):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "trl_sdx.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=cwd)
+
+
+def test_short_cli_run_warns_nothing_of_ours_and_writes_its_files(tmp_path):
+    import json
+
+    from trl_sdx.testing import save_tiny_pair
+
+    student, teacher = save_tiny_pair(tmp_path / "models")
+    out = tmp_path / "run"
+    result = _cli("entropy-gkd", "--model_name_or_path", student, "--teacher_model_name_or_path", teacher,
+                  "--dataset_name", "synthetic-arithmetic", "--synthetic_num_prompts", "8", "--max_steps", "1",
+                  "--per_device_train_batch_size", "2", "--max_completion_length", "4", "--use_cpu",
+                  "--heldout_num_prompts", "2", "--heldout_max_new_tokens", "4", "--output_dir", str(out),
+                  "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    for warning in OUR_WARNINGS:
+        assert warning not in log
+    for name in ("metrics.jsonl", "trainer_state.json", "training_curves.png", "heldout_eval.json", "README.md",
+                 "model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("checkpoint-*")) and not (out / "optimizer.pt").exists()
+    evaluation = json.loads((out / "heldout_eval.json").read_text())
+    assert set(evaluation["before"]) == {"kl_teacher_student", "student_nll_of_teacher_text"}
+    assert "kl_teacher_student" in log and "->" in log  # the before -> after lines are printed
+    card = (out / "README.md").read_text()
+    assert "[None]" not in card and "2603.07079" in card
+
+
+def test_sdzero_srt_cli_run_does_not_warn_about_model_init_kwargs(tmp_path):
+    import textwrap
+
+    from trl_sdx.testing import save_tiny_pair
+
+    student, _ = save_tiny_pair(tmp_path / "models")
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def parity(completions, **kwargs):
+            return [float(len(c[0]["content"]) % 2) for c in completions]
+    """))
+    result = _cli("sdzero-srt", "--model_name_or_path", student, "--dataset_name", "synthetic-arithmetic",
+                  "--synthetic_num_prompts", "4", "--reward_funcs", "my_rewards.parity", "--output_dir",
+                  str(tmp_path / "srt"), "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+                  "--init_max_new_tokens", "6", "--revision_max_new_tokens", "6", "--num_revisions", "2",
+                  "--revise_correct", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+                  "--srt_stages", "generation", "--disable_tqdm", "true",
+                  env_extra={"PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for warning in OUR_WARNINGS:
+        assert warning not in result.stdout + result.stderr
+
+
+def test_a_failing_training_process_is_reported_once(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    result = _cli("entropy-gkd", "--model_name_or_path", missing, "--teacher_model_name_or_path", missing,
+                  "--dataset_name", "synthetic-arithmetic", "--use_cpu", "--output_dir", str(tmp_path / "run"),
+                  "--report_to", "none")
+    assert result.returncode != 0
+    assert "CalledProcessError" not in result.stderr
+    assert result.stderr.count("Traceback (most recent call last)") == 1  # the training process's own
+    assert result.stderr.strip().splitlines()[-1] == (
+        "trl-sdx entropy-gkd: error: the training process failed with exit code 1 (its error is printed above).")

@@ -185,3 +185,21 @@ class RunArtifactsMixin:
         if self.is_world_process_zero():
             fix_model_card_base_model(os.path.join(self.args.output_dir, "README.md"),
                                       getattr(self.model.config, "_name_or_path", None))
+
+
+def write_before_after(trainer, before: dict[str, float], after: dict[str, float],
+                       file_name: str = "heldout_eval.json") -> dict[str, tuple[float, float]]:
+    """Print `name: before -> after`, save them as JSON in the output dir and redraw the plot with them."""
+    pairs = {name: (before[name], after[name]) for name in before if name in after}
+    if not trainer.is_world_process_zero():
+        return pairs
+    output_dir = trainer.args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    print("Held-out evaluation (before -> after training):")
+    for name, (old, new) in pairs.items():
+        print(f"  {name:<30} {old:8.4f} -> {new:8.4f}")
+    with open(os.path.join(output_dir, file_name), "w") as f:
+        json.dump({"before": before, "after": after}, f, indent=2)
+    plot_training_curves(trainer.state.log_history, trainer._plot_metrics, os.path.join(output_dir, PLOT_FILE),
+                         title=f"{trainer._name}: {output_dir}", before_after=pairs, notes=trainer._plot_notes())
+    return pairs

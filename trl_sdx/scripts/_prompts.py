@@ -72,6 +72,9 @@ def train_summarise_save(trainer, training_args, dataset_name: str | None, title
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     print_metric_summary(trainer, title, names, marker=marker)
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    # TRL writes the card only with checkpoints or a push; generated data sets have no hub page to link to.
+    trainer.create_model_card(dataset_name=None if str(dataset_name).startswith("synthetic-") else dataset_name)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir} (metrics.jsonl, trainer_state.json, "
+                              "training_curves.png and README.md next to it).")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
