@@ -53,7 +53,8 @@ CONFIGS = {
                          gradient_checkpointing=True, mixsd_generation_batch=16, generation_repeats=3),
         # seconds; deadlines are cumulative from the start, so a section that finishes early leaves its time to the
         # next ones. 350 s + the last worker's grace + the wheel install stay inside 7 minutes.
-        "budgets": {"loss_kernels": 125, "eopd_trainer": 100, "sdzero_trainer": 40, "mixsd": 35, "fsdp2": 50},
+        "budgets": {"loss_kernels": 115, "eopd_trainer": 70, "sdzero_trainer": 35, "mixsd": 35, "liger": 50,
+                    "fsdp2": 45},
         "task_min_s": {"loss_kernels": 8, "default": 12},  # do not start a task with less time than this left
         "grace_s": 25,  # a worker still busy this long after its deadline is killed
     },
@@ -66,7 +67,8 @@ CONFIGS = {
         "trainers": dict(batch=2, completion_len=8, prompt_words=8, warmup_steps=1, measured_steps=1,
                          gradient_checkpointing=True, mixsd_generation_batch=4, generation_repeats=2),
         # generous: the CI test asserts that nothing is skipped, on a shared 2-core machine (~1 minute alone)
-        "budgets": {"loss_kernels": 150, "eopd_trainer": 100, "sdzero_trainer": 60, "mixsd": 60, "fsdp2": 60},
+        "budgets": {"loss_kernels": 150, "eopd_trainer": 100, "sdzero_trainer": 60, "mixsd": 60, "liger": 30,
+                    "fsdp2": 60},
         "task_min_s": {"loss_kernels": 1, "default": 1},
         "grace_s": 30,
     },
@@ -76,51 +78,50 @@ TARGETS = {"fused_eopd_ms_at_max_n": 180.0, "fused_eopd_gib_at_max_n": 3.0, "ste
 
 
 def plan() -> list[dict]:
-    """Sections in run order, each with its tasks in priority order. `compare_to` names the TRL peer at equal settings.
-    Liger tasks come last in their section: use_liger_kernel monkey-patches module-level functions of the model
-    family, which would leak into later tasks of the same worker."""
+    """Sections in run order, each with its tasks in priority order (what the time box cuts comes last);
+    `compare_to` names the TRL peer at equal settings. Sections with the same `worker` share a worker process on the
+    GPU. All `use_liger_kernel=True` runs are in the last section of the trainers' worker: Liger monkey-patches
+    module-level functions of the model family, which would leak into every later task of that process."""
     kernels = ["fused_eopd", "liger_chunked_jsd", "trl_chunked_divergence", "fused_eopd_compiled",
-               "fused_eopd_targets_compiled", "liger_triton_jsd", "fused_topk_kl", "liger_topk_kl", "fused_eopd_targets",
-               "fused_eopd_targets_student_only", "plain_eopd"]
+               "fused_eopd_targets_compiled", "liger_triton_jsd", "fused_topk_kl", "liger_topk_kl",
+               "fused_eopd_targets_student_only", "fused_eopd_targets", "plain_eopd"]
     t = lambda name, trainer, **kw: {"name": name, "trainer": trainer, **kw}  # noqa: E731
+    trainers = {"module": "gpu_suite_trainers", "worker": "trainers"}
     return [
-        {"name": "loss_kernels", "module": "gpu_suite_kernels",
+        {"name": "loss_kernels", "module": "gpu_suite_kernels", "worker": "kernels",
          "tasks": [{"name": m, "order_shift": i} for i, m in enumerate(kernels)]},
-        {"name": "eopd_trainer", "module": "gpu_suite_trainers", "tasks": [
+        {"name": "eopd_trainer", **trainers, "tasks": [
             t("distillation", "distillation"),
             t("eopd", "eopd", compare_to="distillation"),  # defaults: loss_compiled="auto" (compiled on CUDA)
             t("eopd_loss_eager", "eopd", config_overrides={"loss_compiled": "false"}, compare_to="distillation"),
             t("distillation_fp32_master", "distillation", fp32_master=True),
             t("eopd_fp32_master", "eopd", fp32_master=True, compare_to="distillation_fp32_master"),
-            t("distillation_liger", "distillation", liger=True),
-            t("eopd_liger", "eopd", liger=True, compare_to="distillation_liger"),
         ]},
-        {"name": "sdzero_trainer", "module": "gpu_suite_trainers", "tasks": [
+        {"name": "sdzero_trainer", **trainers, "tasks": [
             t("distillation_self_teacher", "distillation", teacher="self"),
             t("sdzero", "sdzero", compare_to="distillation_self_teacher"),
             t("sdzero_liger_loss", "sdzero", config_overrides={"loss_implementation": "liger"},
               compare_to="distillation_self_teacher"),
+        ]},
+        {"name": "mixsd", **trainers, "tasks": [
+            t("target_generation", "mixsd_generation"),
+            t("mixsd", "mixsd", compare_to="sft"),  # MixSD is SFT on its targets: the peer is SFTTrainer on them
+            t("sft", "sft"),
+        ]},
+        {"name": "liger", **trainers, "tasks": [
+            t("distillation_liger", "distillation", liger=True),
+            t("eopd_liger", "eopd", liger=True, compare_to="distillation_liger"),
             t("distillation_self_teacher_liger", "distillation", teacher="self", liger=True),
             t("sdzero_liger", "sdzero", liger=True, compare_to="distillation_self_teacher_liger"),
-        ]},
-        {"name": "mixsd", "module": "gpu_suite_trainers", "tasks": [
-            t("target_generation", "mixsd_generation"),
-            t("mixsd", "mixsd"),
-            t("sft", "sft"),
-            t("mixsd_liger", "mixsd", liger=True),
+            t("mixsd_liger", "mixsd", liger=True, compare_to="sft_liger"),
             t("sft_liger", "sft", liger=True),
         ]},
-        {"name": "fsdp2", "module": "gpu_suite_trainers", "distributed": True, "tasks": [
-            t("eopd_fsdp2", "eopd", fsdp2=True),
+        {"name": "fsdp2", "module": "gpu_suite_trainers", "worker": "fsdp2", "distributed": True, "tasks": [
+            t("eopd_fsdp2", "eopd", fsdp2=True, compare_to="distillation_fsdp2"),
             t("sdzero_fsdp2", "sdzero", fsdp2=True),
             t("distillation_fsdp2", "distillation", fsdp2=True),
         ]},
     ]
-
-
-# MixSD's trainer is SFTTrainer on other data: its peer is SFTTrainer on the same targets.
-PEERS_AFTER_RUN = {("mixsd", "mixsd"): "sft", ("mixsd", "mixsd_liger"): "sft_liger",
-                   ("fsdp2", "eopd_fsdp2"): "distillation_fsdp2"}
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -170,10 +171,23 @@ def worker(plan_path: str, results_path: str) -> None:
             except Exception as error:  # guarded: recorded, and the next task runs
                 result = {"status": "error", "error": f"{type(error).__name__}: {error}"[:1000],
                           "traceback": traceback.format_exc()[-3000:]}
-                ctx["meter"].release()
+            ctx["meter"].release()  # outside `except`: the traceback no longer holds the failed task's tensors
             result["elapsed_s"] = time.perf_counter() - start
             emit({"event": "result", **key, "result": result})
             print(f"  {task['name']}: {_summary(result)}", flush=True)
+            if device.type == "cuda" and _poisons_cuda(result.get("error", "")):
+                print("  the CUDA context is unusable after this error: the next tasks go to a fresh worker", flush=True)
+                sys.stdout.flush()
+                os._exit(EXIT_CUDA_POISONED)
+
+
+# Errors after which every later CUDA call in the process fails: the driver continues in a fresh worker.
+CUDA_FATAL = ("illegal memory access", "device-side assert", "CUDA error", "unspecified launch failure")
+EXIT_CUDA_POISONED = 3
+
+
+def _poisons_cuda(error: str) -> bool:
+    return any(text in error for text in CUDA_FATAL)
 
 
 def _allow_fsdp2_on_cpu() -> str | None:
@@ -270,22 +284,23 @@ def run_group(args, sections: list[dict], workdir: str, name: str) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         reader.join(timeout=10)
-        running = None
+        running, finished = None, 0
         for event in _read_events(events_path):
             key = (event["section"], event["name"])
             if event["event"] == "start":
                 running = key
             else:
                 results[key] = event["result"]
+                finished += 1
                 running = None if running == key else running
         log_tail = "\n".join(tail)[-3000:]
-        if running is not None:  # the worker died (or was killed) inside this task
+        if running is not None:  # the worker died (or was killed) inside this task; the rest go to a fresh one
             results[running] = ({"status": "timed_out", "error": "still running at the deadline + "
                                  f"{cfg['grace_s']} s grace; the worker was killed", "log_tail": log_tail}
                                 if killed else
                                 {"status": "error", "error": f"the worker process died (exit code {proc.returncode})",
                                  "log_tail": log_tail})
-        elif proc.returncode != 0:  # died outside any task (e.g. an import error): the pending tasks get that error
+        elif not finished:  # ended before any task (e.g. an import error): every pending task gets that, no retry
             for section in pending:
                 for task in section["tasks"]:
                     results.setdefault((section["name"], task["name"]), {
@@ -343,7 +358,7 @@ def add_ratios(report: dict) -> None:
     for section_name, section in sections.items():
         for name, result in section["tasks"].items():
             peer_name = next((t.get("compare_to") for s in plan() if s["name"] == section_name for t in s["tasks"]
-                              if t["name"] == name), None) or PEERS_AFTER_RUN.get((section_name, name))
+                              if t["name"] == name), None)
             peer = section["tasks"].get(peer_name) if peer_name else None
             if result.get("status") == "ok" and peer and peer.get("status") == "ok" and "step_s" in result:
                 result["peer"] = peer_name
@@ -499,12 +514,15 @@ def main(argv=None) -> dict | None:
         if section.get("distributed"):
             section["distributed_env"] = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    # On the GPU every section gets its own worker (a crash or a Liger monkey-patch stays inside it). --tiny runs them
-    # all in one worker: start-up (imports) dominates toy sizes. The distributed section comes last there, since the
-    # process group it starts outlives it.
-    groups = [[s] for s in sections] if args.mode == "gpu" else [sections]
+    # On the GPU: one worker for the kernels, one for the trainer sections, one for FSDP2 (a process-group of its
+    # own); a worker that dies hands its remaining tasks to a fresh one. --tiny runs everything in one worker
+    # on CPU (start-up, i.e. imports, dominates toy sizes; Liger's patches need CUDA, so nothing leaks); the
+    # distributed section comes last, its process group outlives it.
+    groups = [[s for s in sections if s["worker"] == w] for w in dict.fromkeys(s["worker"] for s in sections)]
+    if args.device == "cpu":
+        groups = [sections]
     for group in groups:
-        name = group[0]["name"] if len(group) == 1 else "suite"
+        name = group[0]["worker"] if len(group) < len(sections) else "suite"
         group_start = time.time()
         print(f"== worker {name}: {[s['name'] for s in group]} (until +{group[-1]['deadline'] - started:.0f} s)",
               flush=True)
