@@ -8,11 +8,15 @@ each row's ratios are against its group's reference (the `ref` column):
     fused_eopd_compiled  the same with compiled=True
     trl_gkd_beta1     TRL `GKDTrainer.generalized_jsd_loss(beta=1)` on full logits
     liger_jsd_beta1   Liger `LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0, weight_soft_loss=1)` (compiled=True)
-  EOPD's sampled-token (OPD) term alone, the part Liger's PPO base can compute (reference fused_opd):
-    fused_opd         `fused_entropy_aware_opd_loss(tau=inf)`: the PPO-clipped OPD term, our chunked kernel
-    liger_opd         the same term from Liger's selective log-prob (`fused_linear_ppo._ChunkedSelectiveLogProbFunction`,
-                      streams log pi(y_t) over vocabulary chunks, recomputes the logits in backward) for the student
-                      and (no grad) the teacher
+  EOPD's student-only loss step, teacher targets scored beforehand (as the trainer does at rollout; not timed):
+    fused_eopd_targets  `fused_eopd_loss_from_targets` (paper defaults): what the trainer runs per micro-batch
+    fused_opd         the same with tau=inf: only the PPO-clipped sampled-token (OPD) term; reference of this group
+    liger_opd         the OPD term from Liger's selective log-prob (`fused_linear_ppo._ChunkedSelectiveLogProbFunction`:
+                      streams log pi(y_t) over vocabulary chunks, recomputes the logits in backward), the piece of
+                      Liger's PPO base that fits EOPD
+  log pi(y_t) without gradient (pi_old at rollout time; forward only, reference token_logprobs):
+    token_logprobs    `trl_sdx.losses.token_logprobs` (chunked over rows)
+    liger_token_logprobs  Liger's `_selective_logprob_forward` (rows x vocabulary chunks)
   SD-Zero top-k KL (reference plain_topk; k=64, mixed, w=0.5) -- the `loss_implementation` switch
     plain_topk        `topk_distillation_loss` on full logits
     fused_topk        `fused_topk_distillation_loss` (native chunked, eager): loss_implementation="native"
@@ -50,11 +54,14 @@ import sys
 import time
 from _report import write_report  # benchmarks/ is on sys.path when a script runs
 
-METHODS = ("plain_eopd", "fused_eopd", "fused_eopd_compiled", "trl_gkd_beta1", "liger_jsd_beta1", "fused_opd",
-           "liger_opd", "plain_topk", "fused_topk", "liger_topk")
+METHODS = ("plain_eopd", "fused_eopd", "fused_eopd_compiled", "trl_gkd_beta1", "liger_jsd_beta1",
+           "fused_eopd_targets", "fused_opd", "liger_opd", "token_logprobs", "liger_token_logprobs", "plain_topk",
+           "fused_topk", "liger_topk")
 # Each method's ratios are against this reference, measured in the same run.
-REFERENCE = {"fused_opd": "fused_opd", "liger_opd": "fused_opd", "plain_topk": "plain_topk",
-             "fused_topk": "plain_topk", "liger_topk": "plain_topk"}
+REFERENCE = {"fused_eopd_targets": "fused_opd", "fused_opd": "fused_opd", "liger_opd": "fused_opd",
+             "token_logprobs": "token_logprobs", "liger_token_logprobs": "token_logprobs",
+             "plain_topk": "plain_topk", "fused_topk": "plain_topk", "liger_topk": "plain_topk"}
+FORWARD_ONLY = ("token_logprobs", "liger_token_logprobs")
 DEFAULTS = {
     "cpu": dict(sizes=[2048], hidden_student=1024, hidden_teacher=1024, vocab=32768, dtype="float32", chunk_size=256),
     "cuda": dict(sizes=[4096, 16384, 32768], hidden_student=2048, hidden_teacher=4096, vocab=151936, dtype="bfloat16",
@@ -130,13 +137,8 @@ def _make_step(torch, method, x, args):
         def step():
             return loss_fn(x["student_hidden"][0], x["student_weight"], x["teacher_hidden"][0], x["teacher_weight"],
                            x["ids"][0])
-    elif method == "fused_opd":
-        def step():
-            return fused_entropy_aware_opd_loss(
-                x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], x["ids"],
-                x["mask"], x["old"], chunk_size=args.chunk_size, **{**EOPD_OPTIONS, "tau": float("inf")})
-    elif method == "liger_opd":
-        step = _liger_opd_step(torch, x, clip_eps=EOPD_OPTIONS["clip_eps"])
+    elif method in ("fused_eopd_targets", "fused_opd", "liger_opd", "token_logprobs", "liger_token_logprobs"):
+        step = _student_only_step(torch, method, x, args)
     elif method in ("plain_topk", "fused_topk", "liger_topk"):
         step = _topk_step(torch, method, x, args)
     else:
@@ -144,26 +146,42 @@ def _make_step(torch, method, x, args):
     return step
 
 
-def _liger_opd_step(torch, x, clip_eps):
-    """EOPD's OPD term, max(-A r, -A clip(r, 1-eps, 1+eps)) with A = log pi_T(y) - log pi_old(y) and
-    r = pi_theta(y) / pi_old(y), token-mean, with both log-probs from Liger's vocabulary-streaming selective
-    log-prob (written here on log-probs for this peer; the library's one copy is `eopd_token_terms`)."""
+def _student_only_step(torch, method, x, args):
+    """EOPD's per-micro-batch step with the teacher scored beforehand (untimed), and pi_old at rollout."""
     from liger_kernel.chunked_loss.fused_linear_ppo import (
         _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE,
         _ChunkedSelectiveLogProbFunction,
+        _selective_logprob_forward,
     )
 
-    ids, old = x["ids"][0], x["old"][0].float()
+    from trl_sdx.losses import fused_eopd_loss_from_targets, score_teacher_targets, token_logprobs
+
+    ids, mask, old = x["ids"], x["mask"], x["old"]
+    if method == "token_logprobs":
+        return lambda: token_logprobs(x["student_hidden"].detach(), x["student_weight"].detach(), ids, mask,
+                                      chunk_size=args.chunk_size).sum()
+    if method == "liger_token_logprobs":
+        return lambda: _selective_logprob_forward(x["student_hidden"][0].detach(), x["student_weight"].detach(),
+                                                  ids[0])[0].sum()
+    targets = score_teacher_targets(x["teacher_hidden"], x["teacher_weight"], ids, mask,
+                                    top_k=EOPD_OPTIONS["top_k"], chunk_size=args.chunk_size)
+    options = {k: v for k, v in EOPD_OPTIONS.items() if k != "temperature"}
+    if method == "fused_eopd_targets":
+        return lambda: fused_eopd_loss_from_targets(x["student_hidden"], x["student_weight"], targets, ids, mask, old,
+                                                    chunk_size=args.chunk_size, **options)
+    if method == "fused_opd":
+        return lambda: fused_eopd_loss_from_targets(x["student_hidden"], x["student_weight"], targets, ids, mask, old,
+                                                    chunk_size=args.chunk_size, **{**options, "tau": float("inf")})
+    # liger_opd: max(-A r, -A clip(r, 1-eps, 1+eps)), A = log pi_T(y) - log pi_old(y), r = pi_theta(y) / pi_old(y),
+    # token-mean; written here on log-probs for this peer (the library's one copy is `eopd_token_terms`).
+    eps, teacher_logp, old_rows = EOPD_OPTIONS["clip_eps"], targets.logprob[0], old[0].float()
 
     def step():
-        with torch.no_grad():
-            teacher_logp = _ChunkedSelectiveLogProbFunction.apply(
-                x["teacher_hidden"][0], x["teacher_weight"], ids, None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
         logp = _ChunkedSelectiveLogProbFunction.apply(
-            x["student_hidden"][0], x["student_weight"], ids, None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
-        advantage = teacher_logp - old
-        ratio = torch.exp(logp - old)
-        return torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_eps, 1 + clip_eps)).mean()
+            x["student_hidden"][0], x["student_weight"], ids[0], None, 1.0, _SELECTIVE_LOGPROB_VOCAB_CHUNK_SIZE)
+        advantage = teacher_logp - old_rows
+        ratio = torch.exp(logp - old_rows)
+        return torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - eps, 1 + eps)).mean()
 
     return step
 
@@ -201,7 +219,8 @@ def worker(args) -> dict:
         for p in (x["student_hidden"], x["student_weight"]):
             p.grad = None
         loss = step()
-        loss.backward()
+        if args.worker not in FORWARD_ONLY:
+            loss.backward()
         return loss
 
     def sync():
@@ -269,8 +288,8 @@ def to_markdown(report: dict) -> str:
         f"{cfg['dtype']}, chunk size {cfg['chunk_size']}, torch threads {cfg['threads'] or 'default'}; "
         f"loss + backward; median of {cfg['repeats']} runs after "
         f"{cfg['warmups']} warm-ups; peak memory above the inputs ({report['memory_method']}). "
-        "Ratios are relative to the `ref` method at the same N (module docstring). CPU ms is the process CPU time (all threads); "
-        "`load avg` is the host's 1-minute load average when the method finished.",
+        "Ratios are relative to the `ref` method at the same N (module docstring). CPU ms is the process CPU time "
+        "(all threads); `load avg` is the host's 1-minute load average when the method finished.",
         "",
         "| N | method | ref | wall ms | CPU ms | peak MiB | wall / ref | CPU / ref | memory / ref | load avg | loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -281,7 +300,8 @@ def to_markdown(report: dict) -> str:
             lines.append(f"| {row['n']} | {row['method']} | | error: {row['error']} | | | | | | | |")
             continue
         lines.append(
-            f"| {row['n']} | {row['method']} | {reference_of(row['method'])} | {row['median_ms']:.0f} | {row['median_cpu_ms']:.0f} | "
+            f"| {row['n']} | {row['method']} | {reference_of(row['method'])} | {row['median_ms']:.0f} | "
+            f"{row['median_cpu_ms']:.0f} | "
             f"{row['peak_mib']:.0f} | {row.get('time_vs_ref', nan):.2f} | {row.get('cpu_time_vs_ref', nan):.2f} | "
             f"{row.get('memory_vs_ref', nan):.3f} | {row['load_avg_1min']:.1f} | {row['loss']:.4f} |"
         )
