@@ -18,8 +18,8 @@ import torch
 LOSS_IMPLEMENTATIONS = ("auto", "liger", "native")
 
 # What "auto" picks per device type: the faster implementation in benchmarks/results/loss_kernels_cpu.md (SD-Zero
-# top-k KL, native chunked vs Liger base, same inputs, same run). CUDA has not been measured yet
-# (benchmarks/gpu_suite.py); until it is, "auto" keeps the native kernel there too.
+# top-k KL, native chunked vs Liger base, same inputs, same run; CPU 2026-12-01: native 5458 CPU ms / 231 MiB,
+# Liger 6467 / 361). CUDA has not been measured yet (benchmarks/gpu_suite.py); until it is, "auto" keeps native.
 AUTO_LOSS_IMPLEMENTATION = {"cpu": "native", "cuda": "native"}
 
 
