@@ -174,12 +174,8 @@ def build_mixsd_targets(
     cached = load_targets(entry)
     # Every process must take the same branch (a filesystem may show the entry to some nodes first).
     if all(_gather([cached is not None], state)):
-        targets, metadata = cached
-        logger.info("MixSD: reusing %d cached targets from %s", len(targets), entry)
-        # `keep_failed` is not part of the key (the entry stores every example): recount for this run's value.
-        stats = {**metadata["stats"], **summarize_targets(targets, keep_failed=args.keep_failed),
-                 "keep_failed": args.keep_failed}
-        return MixSDTargets(questions, gold_answers, targets, stats, entry, True, metadata)
+        logger.info("MixSD: reusing %d cached targets from %s", len(cached[0]), entry)
+        return _reused(cached, questions, gold_answers, entry, args)
 
     prefix, transition = key_inputs["expert_prefix"], key_inputs["expert_transition"]
     mine = list(range(state.process_index, len(questions), state.num_processes))
@@ -244,6 +240,13 @@ def _load_prebuilt(path, questions, gold_answers, args) -> MixSDTargets:
     if different:
         raise ValueError(f"`mixsd_targets_path`={path!r} was built for other inputs ({', '.join(different)} "
                          "differ): rebuild it with this run's dataset and mixing parameters.")
+    return _reused(cached, questions, gold_answers, str(path), args)
+
+
+def _reused(cached, questions, gold_answers, entry: str, args) -> MixSDTargets:
+    """Targets read from an entry. `keep_failed` is not part of the key (an entry stores every example), so the
+    statistics are recounted for this run's value."""
+    targets, metadata = cached
     stats = {**metadata["stats"], **summarize_targets(targets, keep_failed=args.keep_failed),
              "keep_failed": args.keep_failed}
-    return MixSDTargets(questions, gold_answers, targets, stats, str(path), True, metadata)
+    return MixSDTargets(questions, gold_answers, targets, stats, entry, True, metadata)
