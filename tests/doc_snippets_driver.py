@@ -9,9 +9,10 @@ imported). What is swapped, and only that:
 - `datasets.load_dataset(...)` returns a small prompt set with every column the snippets read;
 - names a snippet uses without defining (the prose around it defines them: `dataset`, `tokenizer`, ...) are
   given in `GIVEN`;
-- the run budget: `max_steps=1`, generation lengths at most 8 tokens, no checkpoints (any `TrainingArguments`).
+- the run budget: `max_steps=1`, generation lengths at most 8 tokens, no checkpoints (any `TrainingArguments`);
+  a random tiny model never answers right, so MixSD keeps failed targets and SD-Zero phase 1 every revision.
 
-Prints one JSON line per snippet: {"snippet": "README.md#1", "ok": bool, "error": traceback or ""}.
+Prints one line per snippet, `SNIPPET {"snippet": "README.md#1", "ok": bool, "error": traceback or ""}`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def apply_budget() -> None:
                 setattr(self, name, min(getattr(self, name), 8))
         if hasattr(self, "max_retries"):  # MixSD: a random tiny model never writes the right answer
             self.max_retries, self.keep_failed = 0, True
+        if hasattr(self, "reward_threshold"):  # SD-Zero phase 1: nor does it solve a problem; keep every revision
+            self.reward_threshold = 0.0
         original(self)
 
     TrainingArguments.__post_init__ = budget
@@ -117,7 +120,7 @@ def main() -> None:
             result = {"snippet": name, "ok": True, "error": ""}
         except Exception:  # reported to the test, which fails with this traceback
             result = {"snippet": name, "ok": False, "error": traceback.format_exc()}
-        print(json.dumps(result), flush=True)
+        print("SNIPPET " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

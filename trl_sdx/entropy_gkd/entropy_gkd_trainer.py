@@ -29,8 +29,8 @@ from trl.trainer.utils import (
     split_tensor_dict,
 )
 
-from ..liger import apply_liger_kernel_to_models, prepare_liger_kernel
 from ..callbacks import RunArtifactsMixin
+from ..liger import apply_liger_kernel_to_models, prepare_liger_kernel
 from ..lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from ..losses import (
     TeacherTargets,
@@ -45,6 +45,7 @@ from ..losses import (
 )
 from ..losses._common import gate_enabled, loss_chunk_size_for_vocab, not_finite_message
 from ..losses.eopd import full_teacher_needed
+from ..models import resolve_model_name_or_path
 from ..validation import check_columns, check_fits_context, check_same_vocab, check_tokenizer
 from .end_of_turn import resolve_end_of_turn_mapping, teacher_completion_ids
 from .entropy_gkd_config import EntropyAwareGKDConfig
@@ -132,6 +133,8 @@ class EntropyAwareGKDTrainer(RunArtifactsMixin, DistillationTrainer):
         peft_config=None,
         tools=None,
     ):
+        # The embedded aliases (`smollm2-135m-instruct`, `<model>:half-depth`) work wherever a model path does.
+        model, teacher_model = resolve_model_name_or_path(model), resolve_model_name_or_path(teacher_model)
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = EntropyAwareGKDConfig(f"{str(name).rstrip('/').split('/')[-1]}-EntropyAwareGKD")
