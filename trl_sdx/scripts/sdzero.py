@@ -1,8 +1,8 @@
 """SD-Zero Phase 2 (on-policy self-distillation) from the command line, shaped like `trl distillation`.
 
 ```bash
-# Offline demo on synthetic arithmetic (after Phase 1: `trl-sdx sdzero-srt --config examples/configs/sdzero_srt.yaml`)
-trl-sdx sdzero --config examples/configs/sdzero.yaml
+# Offline CPU demo (after Phase 1: `trl-sdx sdzero-srt --config examples/configs/sdzero_srt_demo.yaml`)
+trl-sdx sdzero --config examples/configs/sdzero_demo.yaml
 
 # The paper's setting: student and frozen teacher both start from the Phase 1 checkpoint theta_SRT
 trl-sdx sdzero \
@@ -13,7 +13,7 @@ trl-sdx sdzero \
 # LoRA with the adapter-disabled teacher (one copy of the weights): --use_peft --teacher_mode disable_adapter
 ```
 
-The dataset needs a `prompt` column and, for the default reward (`trl_sdx.rewards.boxed_answer_reward`), an `answer`
+The dataset needs a `prompt` column and, for the default reward (`trl_sdx.rewards.math_verify_reward`), an `answer`
 column; `--reward_funcs my_pkg.my_module.my_reward` swaps the reward. Model names go through
 `trl_sdx.models.resolve_model_name_or_path` (the `smollm2-135m-instruct` alias works offline).
 """
@@ -55,7 +55,10 @@ class SDZeroScriptArguments(PromptScriptArguments):
         default=None,
         metadata={
             "help": "Reward functions as import paths ('package.module.function'), TRL's reward-function form. "
-            "Default: `trl_sdx.rewards.boxed_answer_reward` against the `answer` column."
+            "Default (strict: an unboxed answer is wrong): Phase 1 `trl_sdx.rewards.boxed_answer_reward` (last "
+            "\\boxed{} by math equivalence), Phase 2 `trl_sdx.rewards.math_verify_reward` (math-verify against "
+            "\\boxed{answer}), both on the `answer` column. `trl_sdx.rewards.lenient_answer_reward` falls back to "
+            "the last number; WARNING: it credits cut-off and unboxed answers."
         },
     )
 

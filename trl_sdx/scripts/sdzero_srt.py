@@ -1,18 +1,17 @@
 """SD-Zero Phase 1, Self-Revision Training (SRT), from the command line: collect D_rev, then two SFT stages.
 
 ```bash
-# Offline demo on synthetic arithmetic with the embedded SmolLM2-135M-Instruct
-trl-sdx sdzero-srt --config examples/configs/sdzero_srt.yaml
+# Offline demo on single-digit additions with the embedded SmolLM2-135M-Instruct (CPU)
+trl-sdx sdzero-srt --config examples/configs/sdzero_srt_demo.yaml
 
-# The paper's recipe (collection: 1 y_init per problem, keep verified revisions; SFT: 3 epochs, lr 5e-6, cosine)
-trl-sdx sdzero-srt \
-    --model_name_or_path Qwen/Qwen3-4B-Instruct-2507 --dataset_name my/math-with-answers \
-    --num_init_samples 1 --num_revisions 4 --revise_correct --init_max_new_tokens 8192 --revision_max_new_tokens 8192 \
-    --use_vllm_collection --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --output_dir outputs/srt
+# The released recipe (every SRTConfig default: 3 y_init x 3 revisions, T 1.0, top-p 0.9, 16384 tokens, stop at 6000
+# kept revisions, stage-2 quota 1000, max length 32768, 3 epochs, lr 5e-6 cosine); GPUs, vLLM and `math_problems`
+trl-sdx sdzero-srt --config examples/configs/sdzero_srt.yaml --accelerate_config fsdp2 --num_processes 4
 ```
 
-Outputs under `--output_dir`: `revisions/` (D_rev as `revisions.jsonl` + `counts.json`), `stage1_generation/`,
-`stage2_revision/` (theta_SRT, the start of Phase 2). Rerunning the same command skips the finished parts.
+Outputs under `--output_dir`: `revisions/` (D_rev as `revisions.jsonl`, `counts.json`, `sft_split.json`),
+`stage1_generation/`, `stage2_revision/` (theta_SRT, the start of Phase 2, with the control phrases it was trained
+on in `sdzero_control_phrases.json`). Rerunning the same command skips the finished parts.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from trl import DistillationTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import get_config_model_id
 
-from trl_sdx.liger import apply_liger_kernel_to_models, prepare_liger_kernel, resolve_loss_implementation
 from trl_sdx.callbacks import RunArtifactsMixin
+from trl_sdx.liger import apply_liger_kernel_to_models, prepare_liger_kernel, resolve_loss_implementation
 from trl_sdx.lm_head import completion_logits, gathered_lm_heads, logit_postprocessing
 from trl_sdx.losses import fused_topk_distillation_loss, liger_topk_distillation_loss, topk_distillation_loss
 from trl_sdx.models import resolve_model_name_or_path
@@ -266,10 +266,20 @@ class SDZeroTrainer(RunArtifactsMixin, DistillationTrainer):
         return teacher.eval()
 
     def _check_sync_supported(self, teacher_unwrapped) -> None:
+        # FSDP2: every parameter is a DTensor; the sync gathers each student shard into the teacher (replicated, as TRL
+        # prepares it) or copies shard by shard into a sharded one (`teacher_sync._assign`).
+        # FSDP1 flattens each wrapped unit into one FlatParameter and ZeRO-3 partitions parameters outside their
+        # modules: neither has the tensor-by-tensor view a copy needs, so sync is refused there.
         deepspeed_plugin = self.args.deepspeed_plugin
-        if self.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3):
-            raise ValueError("`teacher_sync_steps` > 0 is not supported with FSDP or DeepSpeed ZeRO-3 (sharded "
-                             "weights); set `teacher_sync_steps=0` or use ZeRO-1/2 / DDP.")
+        fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False)
+        if (self.is_fsdp_enabled and not fsdp2) or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3):
+            raise ValueError("`teacher_sync_steps` > 0 is not supported with FSDP1 or DeepSpeed ZeRO-3 (flattened or "
+                             "partitioned weights); use FSDP2 (`fsdp_version: 2`), ZeRO-1/2 or DDP, or set "
+                             "`teacher_sync_steps=0`.")
+        if fsdp2 and self.teacher_mode == "disable_adapter":
+            raise ValueError("`teacher_sync_steps` > 0 with `teacher_mode='disable_adapter'` is not supported under "
+                             "FSDP2 (folding the LoRA update into a sharded base layer is not implemented); use "
+                             "`teacher_mode='copy'`, or DDP.")
         student = self.accelerator.unwrap_model(self.model)
         if self.teacher_mode == "disable_adapter":
             check_mergeable(student)
@@ -296,8 +306,9 @@ class SDZeroTrainer(RunArtifactsMixin, DistillationTrainer):
         """The model as TRL saves it, plus (when `teacher_sync_steps` > 0) the teacher's synced weights
         (`sdzero_teacher.pt`), which a checkpoint of the student alone does not hold. Also on every checkpoint."""
         super().save_model(output_dir, _internal_call)
-        if self.args.teacher_sync_steps > 0 and self.args.should_save:
-            save_teacher_state(self._synced_module(), output_dir or self.args.output_dir, self.teacher_mode)
+        if self.args.teacher_sync_steps > 0:  # every process: FSDP2 shards are gathered; the main one writes
+            save_teacher_state(self._synced_module(), output_dir or self.args.output_dir, self.teacher_mode,
+                               write=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import TrainerCallback
 
 from peft import PeftModel
@@ -77,12 +78,38 @@ def check_syncable(student, teacher) -> None:
         )
 
 
+def _is_dtensor(tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 (DTensor) shard is gathered; a collective, so every process must call it."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+@torch.no_grad()
+def _assign(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target <- source, whichever of them is an FSDP2 shard (DTensor). Same layout: a local copy per process."""
+    source = source.to(dtype=target.dtype)
+    if _is_dtensor(target):
+        if _is_dtensor(source):
+            if source.placements != target.placements or source.device_mesh != target.device_mesh:
+                source = source.redistribute(target.device_mesh, target.placements)
+        else:  # the same full tensor on every process: each keeps its own slice, nothing is sent
+            source = distribute_tensor(source.to(target.device), target.device_mesh, target.placements,
+                                       src_data_rank=None)
+        target.copy_(source)
+    else:
+        target.copy_(_full(source).to(target.device))
+
+
 @torch.no_grad()
 def copy_student_into_teacher(student, teacher) -> None:
-    """teacher <- student (hard copy of the effective weights, LoRA folded in)."""
+    """teacher <- student (hard copy of the effective weights, LoRA folded in). Under FSDP2 both models are sharded
+    the same way (same architecture, same wrap policy), so each process copies its own shards."""
     params = dict(teacher.named_parameters())
     for name, tensor in merged_student_tensors(student):
-        params[name].copy_(tensor.to(params[name].dtype))
+        _assign(params[name], tensor)
 
 
 @torch.no_grad()
@@ -157,15 +184,18 @@ def _teacher_parameters(module, teacher_mode: str) -> dict[str, torch.nn.Paramet
     return {name: p for name, p in params.items() if ".base_layer." in name or ".original_module." in name}
 
 
-def save_teacher_state(module, directory: str, teacher_mode: str) -> str:
+def save_teacher_state(module, directory: str, teacher_mode: str, write: bool = True) -> str:
     """Write the teacher's synced weights to `directory/sdzero_teacher.pt`; returns the file.
 
-    With the adapter-disabled teacher these are also the base weights the saved adapter applies to once a sync has
-    happened: the student is this base + the adapter, no longer theta_SRT + the adapter.
+    Every process must call this (FSDP2 shards are gathered); only those with `write` write the file. With the
+    adapter-disabled teacher these are also the base weights the saved adapter applies to once a sync has happened:
+    the student is this base + the adapter, no longer theta_SRT + the adapter.
     """
     path = os.path.join(directory, TEACHER_STATE_FILE)
-    os.makedirs(directory, exist_ok=True)
-    torch.save({name: p.detach().cpu().clone() for name, p in _teacher_parameters(module, teacher_mode).items()}, path)
+    state = {name: _full(p.detach()).cpu().clone() for name, p in _teacher_parameters(module, teacher_mode).items()}
+    if write:
+        os.makedirs(directory, exist_ok=True)
+        torch.save(state, path)
     return path
 
 
@@ -182,5 +212,5 @@ def load_teacher_state(module, directory: str, teacher_mode: str) -> bool:
         raise ValueError(f"{path} does not match the teacher's parameters (e.g. "
                          f"{sorted(set(state) ^ set(params))[:3]}); it was saved by another model or teacher_mode.")
     for name, tensor in state.items():
-        params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+        _assign(params[name], tensor)
     return True
