@@ -25,7 +25,7 @@ def test_every_doc_snippet_runs(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(DRIVER.parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, str(DRIVER)], capture_output=True, text=True, env=env, timeout=1200)
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(line[len("SNIPPET "):]) for line in out.stdout.splitlines() if line.startswith("SNIPPET {")]
     assert [r["snippet"] for r in results] == snippets, out.stderr[-3000:]
     failed = {r["snippet"]: r["error"] for r in results if not r["ok"]}
     assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
