@@ -1,9 +1,10 @@
 """Chunked ("fused linear") versions of the losses: never build [N, V] logits for the whole batch.
 
-Why not `LigerFusedLinearDistillationBase` directly: its loss hook sees only (student_logits, teacher_logits,
+Why not `LigerFusedLinearDistillationBase` for EOPD: its loss hook sees only (student_logits, teacher_logits,
 target) per chunk and divides by the count of non-ignored targets, whereas EOPD needs per-token extra inputs
-(sampled ids, old log-probs), statistics out of every chunk, and SD-Zero needs per-token losses back. So this
-module follows the same recipe in one shared `torch.autograd.Function`:
+(sampled ids, old log-probs) and statistics out of every chunk. SD-Zero's top-k KL does fit it (per-reward sums
+come from one call per reward group): `topk_kl_liger.py` is that subclass, selectable by `loss_implementation`.
+This module follows the same recipe in one shared `torch.autograd.Function`:
 
 * rows = valid tokens only (padding never enters any computation);
 * per chunk of `chunk_size` rows: logits = hidden @ W^T (+ b) for student and teacher (teacher under no_grad),
