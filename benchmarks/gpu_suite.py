@@ -6,15 +6,18 @@ as `skipped_for_time`, never dropped silently):
                   1.16 chunked divergence, Liger chunked JSD, Liger Triton fused linear JSD) at Qwen3 sizes
                   (student hidden 2048, teacher 4096, V 151,936), N in {4096, 16384, 32768} in a changing order
   eopd_trainer    EntropyAwareGKDTrainer vs trl.DistillationTrainer: 0.6B-shaped student, 1.7B-shaped teacher, bf16,
-                  HF generation; also fp32 master weights under bf16 autocast, and use_liger_kernel=True
-  sdzero_trainer  SDZeroTrainer (0.6B self-teacher) vs DistillationTrainer with a frozen copy as teacher
+                  HF generation; default (compiled loss on CUDA) and eager loss; fp32 master weights under bf16 autocast
+  sdzero_trainer  SDZeroTrainer (0.6B self-teacher; native and Liger-based loss) vs DistillationTrainer with a frozen
+                  copy as teacher
   mixsd           MixSD target decoding tokens/s vs model.generate, then MixSDTrainer vs SFTTrainer SFT steps
-  fsdp2           EOPD and SD-Zero under single-process FSDP2 (world size 1): the DTensor lm_head path runs
+  liger           the use_liger_kernel=True runs of all of the above, with their TRL peers
+  fsdp2           EOPD, SD-Zero and DistillationTrainer under single-process FSDP2 (world size 1): the DTensor lm_head
+                  path runs
 Models are randomly initialised from Qwen3 configs (gpu_suite_setup.py); nothing is downloaded.
 
-Every section runs in its own worker process (a crash, e.g. an illegal memory access, ends only that worker; the rest
-of its tasks go to a fresh one). Results stream to the console and are written to --out as gpu_suite.json and
-gpu_suite.md.
+The kernels, the trainer sections and FSDP2 run in three worker processes (a crash, e.g. an illegal memory access,
+ends only its worker; the remaining tasks go to a fresh one). Results stream to the console and are written to --out
+as gpu_suite.json and gpu_suite.md.
 
   python benchmarks/gpu_suite.py --device cuda --out results/          # the GPU machine (see benchmarks/README.md)
   python benchmarks/gpu_suite.py --device cpu --tiny --out /tmp/suite  # toy sizes: the CI test of the suite itself
@@ -176,7 +179,8 @@ def worker(plan_path: str, results_path: str) -> None:
             emit({"event": "result", **key, "result": result})
             print(f"  {task['name']}: {_summary(result)}", flush=True)
             if device.type == "cuda" and _poisons_cuda(result.get("error", "")):
-                print("  the CUDA context is unusable after this error: the next tasks go to a fresh worker", flush=True)
+                print("  the CUDA context is unusable after this error: the next tasks go to a fresh worker",
+                      flush=True)
                 sys.stdout.flush()
                 os._exit(EXIT_CUDA_POISONED)
 
@@ -333,6 +337,21 @@ def _versions() -> dict:
     return out
 
 
+# What the suite imports beyond torch/transformers/accelerate, and the wheel that brings it
+# (../shared/gpu/fetch-wheels.sh on the GPU machine).
+REQUIRED_MODULES = {"trl": "trl", "liger_kernel": "liger-kernel", "datasets": "datasets", "xxhash": "xxhash",
+                    "dill": "dill", "multiprocess": "multiprocess", "math_verify": "math-verify", "peft": "peft",
+                    "triton": "triton", "trl_sdx": "trl_sdx (pip install -e .)"}
+
+
+def _missing_modules() -> list[str]:
+    """Modules the workers will need that this Python cannot find (checked without importing them)."""
+    import importlib.util
+
+    return [f"{module} ({wheel})" for module, wheel in REQUIRED_MODULES.items()
+            if importlib.util.find_spec(module) is None]
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
@@ -403,12 +422,28 @@ def _cell(text: str, limit: int) -> str:
     return text.replace("|", "/").replace("\n", " ")[:limit]
 
 
+def _kernel_cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] == "ok":
+        return f"{row['median_ms']:.1f} / {row['peak_gib']:.2f}"
+    return row["status"] + (f": {_cell(row.get('error', ''), 80)}" if row["status"] == "error" else "")
+
+
+def _status_cell(result: dict) -> str:
+    text = "ok" if result["status"] == "ok" else _cell(_summary(result), 160)
+    return text + (f" ({result['note']})" if result.get("note") else "")
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# GPU suite ({'tiny, ' if report['mode'] == 'tiny' else ''}{report['device_name']})", "",
              f"Command: `{report['command']}`", "",
              f"Date {report['date']}, commit {report['git_commit']}, wall time {report['wall_s']:.0f} s of a "
              f"{report['budget_s']:.0f} s budget. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".", ""]
+             + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + "."
+             + (f" **Not installed: {', '.join(report['missing_modules'])}.**"
+                if report.get("missing_modules") else ""),
+             ""]
     kernels = report["sections"].get("loss_kernels")
     if kernels:
         cfg = report["config"]["kernels"]
@@ -425,11 +460,7 @@ def to_markdown(report: dict) -> str:
         for method, result in kernels["tasks"].items():
             rows = result.get("rows", [])
             by_n = {r["n"]: r for r in rows if not r["revisit"]}
-            cells = []
-            for n in cfg["sizes"]:
-                r = by_n.get(n)
-                cells.append("" if r is None else f"{r['median_ms']:.1f} / {r['peak_gib']:.2f}" if r["status"] == "ok"
-                             else r["status"] + (f": {_cell(r.get('error', ''), 80)}" if r["status"] == "error" else ""))
+            cells = [_kernel_cell(by_n.get(n)) for n in cfg["sizes"]]
             revisit = next((r for r in rows if r["revisit"]), None)
             graphs = ", ".join(f"{r.get('graphs_compiled_warmup', '?')}/{r.get('graphs_compiled_measured', '?')}"
                                for r in rows if r["status"] == "ok")
@@ -454,8 +485,8 @@ def to_markdown(report: dict) -> str:
                 continue
             lines.append(f"| {section_name} | {name} | {_fmt(r.get('step_s'), '.3f')} | "
                          f"{_fmt(r.get('generation_s'), '.3f')} | {_fmt(r.get('peak_gib'), '.2f')} | "
-                         f"{r.get('peer', '')} | {_fmt(r.get('step_ratio'), '.3f')} | {_fmt(r.get('peak_ratio'), '.3f')}"
-                         f" | {_cell(_summary(r), 160) if r['status'] != 'ok' else 'ok'}{' (' + r['note'] + ')' if r.get('note') else ''} |")
+                         f"{r.get('peer', '')} | {_fmt(r.get('step_ratio'), '.3f')} | "
+                         f"{_fmt(r.get('peak_ratio'), '.3f')} | {_status_cell(r)} |")
     generation = report["sections"].get("mixsd", {}).get("tasks", {}).get("target_generation", {})
     if generation.get("status") == "ok":
         tps = generation["tokens_per_s"]
@@ -503,8 +534,12 @@ def main(argv=None) -> dict | None:
         "command": "python benchmarks/gpu_suite.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device_name": _device_name(args.device), "git_commit": _git_commit(), "versions": _versions(),
-        "budget_s": total, "config": {k: v for k, v in cfg.items()}, "sections": {},
+        "budget_s": total, "config": {k: v for k, v in cfg.items()}, "missing_modules": _missing_modules(),
+        "sections": {},
     }
+    if report["missing_modules"]:
+        print(f"WARNING: not installed here: {report['missing_modules']}; the sections that import them will record "
+              "the ImportError", flush=True)
     print(f"GPU suite ({args.mode}) on {report['device_name']}; budget {total:.0f} s; versions {report['versions']}",
           flush=True)
     deadline = started

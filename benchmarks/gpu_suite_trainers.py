@@ -99,7 +99,8 @@ def _common_args(task: dict, cfg: dict, meter: Meter, out_dir: str) -> dict:
 
 
 def _rollout_args(cfg: dict) -> dict:
-    return dict(max_completion_length=cfg["completion_len"], generation_kwargs={"min_new_tokens": cfg["completion_len"]})
+    length = cfg["completion_len"]
+    return dict(max_completion_length=length, generation_kwargs={"min_new_tokens": length})  # exactly `length` tokens
 
 
 def _build(task: dict, ctx: dict, out_dir: str):

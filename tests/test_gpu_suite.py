@@ -41,6 +41,7 @@ def test_every_section_and_task_produced_results(tiny_report):
             if result["status"] == "unavailable":
                 assert "CUDA" in result["reason"], (name, task, result)
     assert "== fsdp2" in log  # printed as it goes
+    assert report["missing_modules"] == []
 
 
 def test_loss_kernels_visit_every_size_in_a_changing_order(tiny_report):
