@@ -33,8 +33,13 @@ Pre-registered rule (written before the full runs; the results' markdown repeats
       otherwise "no difference detected at this size" (a null result, reported as such).
 end of rule
 
-Example (the committed results; ≤ 60 min on 2 idle CPU cores):
+Example (≤ 60 min on 2 idle CPU cores):
   python benchmarks/efficacy/eopd_vs_opd.py --size full --out-prefix benchmarks/results/eopd_efficacy
+or, as the committed results were made (the two settings as two processes, then merged):
+  python benchmarks/efficacy/eopd_vs_opd.py --size full --skip-real --out-prefix /tmp/eopd/synthetic &
+  python benchmarks/efficacy/eopd_vs_opd.py --size full --skip-synthetic --threads 1 --out-prefix /tmp/eopd/real &
+  wait; python benchmarks/efficacy/eopd_vs_opd.py --merge /tmp/eopd/synthetic.json /tmp/eopd/real.json \
+      --out-prefix benchmarks/results/eopd_efficacy
 Toy size (CI, tests/test_efficacy_toy.py): --size toy, with --real-teacher/--real-student naming tiny models.
 """
 
@@ -53,7 +58,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
-from common import aggregate_curves, format_interval, mean_interval, paired_difference, run_seeds, write_outputs  # noqa: E402,I001
+from common import (  # noqa: E402
+    aggregate_curves, format_interval, mean_interval, paired_difference, run_seeds, write_outputs)
 import synthetic_modes  # noqa: E402
 
 TAU_EOPD = 0.8
@@ -70,8 +76,8 @@ SIZES = {
                 real_seeds=[0, 1], real_lrs=[1e-4], real_max_completion_length=6),
     "full": dict(num_prompts=32, num_valid=4, batch_size=8, steps=60, eval_every=10, seeds=[0, 1, 2],
                  lrs=[3e-4, 1e-3, 3e-3], teacher_steps=600, sft_steps=150, num_samples=8,
-                 real_prompts=64, real_eval_prompts=16, real_batch_size=4, real_steps=16, real_eval_every=4,
-                 real_seeds=[0, 1, 2], real_lrs=[1e-5, 3e-5], real_max_completion_length=32),
+                 real_prompts=64, real_eval_prompts=16, real_batch_size=4, real_steps=16, real_eval_every=8,
+                 real_seeds=[0, 1, 2], real_lrs=[3e-5, 1e-5], real_max_completion_length=32),
 }
 
 
@@ -420,7 +426,8 @@ def to_markdown(r: dict) -> str:
             lines.append("")
     if r.get("reading"):
         lines += ["## Reading", "", r["reading"].strip(), ""]
-    lines += ["Plot: `eopd_efficacy.png` next to this file (mean ± 95% interval over seeds, chosen lr per method).", ""]
+    lines += ["Plot: the PNG of the same name next to this file (mean ± 95% interval over seeds, chosen lr per "
+              "method).", ""]
     return "\n".join(lines)
 
 
@@ -454,6 +461,23 @@ def panels(r: dict) -> list[dict]:
     return out
 
 
+def _merge(result: dict, paths: list[str], out_prefix: str | None) -> dict:
+    """One result from several runs' JSON: each setting from the file that has it; complete only if all were."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result.update(command=" ; ".join(part["command"] for part in parts), sizes=parts[0]["sizes"],
+                  threads=parts[0]["threads"], complete=all(part["complete"] for part in parts),
+                  seconds=max(part["seconds"] for part in parts))
+    for part in parts:
+        for section in ("synthetic", "real"):
+            if section in part:
+                result[section] = part[section]
+    write_outputs(result, out_prefix, to_markdown, panels(result))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
@@ -465,6 +489,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the real-model setting "
                         "(default: torch's); the synthetic setting always uses 1")
     parser.add_argument("--reading", default=None, help="a text file: the written reading, added to the markdown")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no runs: combine the sections of earlier results (e.g. the synthetic and the real-model "
+                        "setting run as two processes) and write them to --out-prefix")
     parser.add_argument("--out-prefix", default=None, help="writes <prefix>.json, <prefix>.md and <prefix>.png")
     args = parser.parse_args(argv)
     p = dict(SIZES[args.size])
@@ -482,6 +509,8 @@ def main(argv=None) -> dict:
     if args.reading:
         with open(args.reading) as f:
             result["reading"] = f.read()
+    if args.merge:
+        return _merge(result, args.merge, args.out_prefix)
 
     def save():  # after every finished (method, lr) sweep point: a stopped run still leaves its seeds
         result["seconds"] = round(time.perf_counter() - started, 1)
