@@ -105,6 +105,13 @@ def test_no_kept_revision_is_a_clear_error(tmp_path):
                 reward_funcs=[never])
 
 
+def test_empty_stage1_is_a_clear_error(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    with pytest.raises(ValueError, match="stage-1 \\(generation\\) set is empty.*`stage2_size` \\(100\\)"):
+        run_srt(make_tiny_model(tokenizer), tokenizer, make_arithmetic_dataset(2), _config(tmp_path, stage2_size=100),
+                reward_funcs=[parity_reward])
+
+
 def test_config_rejects_unknown_stages(tmp_path):
     with pytest.raises(ValueError, match="srt_stages"):
         _config(tmp_path, srt_stages=["generation", "polish"])

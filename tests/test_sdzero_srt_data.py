@@ -220,3 +220,17 @@ def test_released_defaults(tmp_path):
     assert (config.warmup_steps, config.weight_decay, config.adam_beta2) == (0.05, 1e-4, 0.95)
     with pytest.raises(ValueError, match="long_rows"):
         SRTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, long_rows="cut")
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_collection_shows_progress_unless_disabled_and_ends_with_one_summary_line(tmp_path, capsys, disable_tqdm):
+    from trl_sdx.rewards import boxed_answer_reward
+
+    tokenizer = make_tiny_tokenizer()
+    config = _collection_config(tmp_path, disable_tqdm=disable_tqdm)
+    collect_revisions(ScriptedSampler(tokenizer, [0, 1, 2]), tokenizer, _problems(4), config, [boxed_answer_reward])
+    out, err = capsys.readouterr()
+    assert ("SRT collection (problems)" in err) != disable_tqdm  # the bar, on stderr as TRL's
+    lines = [line for line in out.splitlines() if line.startswith("SRT collection:")]
+    assert lines == ["SRT collection: 4/4 problems, y_init correct 4/12, revisions kept 16/16 (16 after an incorrect "
+                     "y_init, 0 after a correct one)."]
