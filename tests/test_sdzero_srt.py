@@ -132,7 +132,8 @@ def test_srt_cli_runs_offline_with_a_reward_import_path(tmp_path, monkeypatch):
         "--model_name_or_path", student, "--dataset_name", "synthetic-arithmetic", "--synthetic_num_prompts", "4",
         "--reward_funcs", "my_rewards.parity", "--output_dir", str(out), "--num_train_epochs", "1",
         "--per_device_train_batch_size", "4", "--init_max_new_tokens", "6", "--revision_max_new_tokens", "6",
-        "--num_revisions", "2", "--revise_correct", "--warmup_steps", "0", "--bf16", "false", "--use_cpu", "--report_to", "none",
+        "--num_revisions", "2", "--revise_correct", "--warmup_steps", "0", "--bf16", "false", "--use_cpu",
+        "--report_to", "none",
         "--save_strategy", "no", "--stage2_size", "1", "--srt_stages", "generation", "--disable_tqdm", "true",
     ])
     sdzero_srt.main(*args)
@@ -193,8 +194,8 @@ def test_rows_longer_than_max_length_are_dropped_with_a_count_or_raise(tmp_path,
     user = [{"role": "user", "content": "What is 2 + 3?"}]
     completions = ["It is 5.", "Two plus three is five, so the answer is 5. " * 3, "long " * 200]
     rows = [{"prompt": user, "completion": [{"role": "assistant", "content": c}]} for c in completions]
-    full = sorted(len(tokenizer.apply_chat_template(user + r["completion"], tokenize=True, return_dict=True)["input_ids"])
-                  for r in rows)
+    chat = lambda r: tokenizer.apply_chat_template(user + r["completion"], return_dict=True)["input_ids"]  # noqa: E731
+    full = sorted(len(chat(r)) for r in rows)
     config = _config(tmp_path, max_length=full[1], long_rows=policy, max_steps=1)  # the longest row does not fit
     stage_dir = tmp_path / "stage"
     if policy == "error":

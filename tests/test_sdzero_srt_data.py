@@ -84,7 +84,8 @@ def test_stage2_quota_goes_to_correct_init_first_and_stage1_is_incorrect_only():
     assert sorted(r["answer"] for r in stage2 if r["init_reward"] == 1) == ["0", "1", "2"]  # every correct one
     assert sum(r["init_reward"] == 0 for r in stage2) == 1  # the quota filled with incorrect-init
     assert len(stage1) == 4 and all(r["init_reward"] == 0 for r in stage1)
-    assert sorted(r["answer"] for r in stage1 + stage2 if r["init_reward"] == 0) == sorted(r["answer"] for r in incorrect)
+    incorrect_answers = sorted(r["answer"] for r in incorrect)
+    assert sorted(r["answer"] for r in stage1 + stage2 if r["init_reward"] == 0) == incorrect_answers
 
     # a small quota: correct-init tuples beyond it are unused, never moved to stage 1
     stage1, stage2 = split_revisions(correct + incorrect, stage2_size=2, seed=0)
