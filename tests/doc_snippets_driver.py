@@ -93,8 +93,8 @@ def apply_budget() -> None:
                 setattr(self, name, min(getattr(self, name), 8))
         if hasattr(self, "max_retries"):  # MixSD: a random tiny model never writes the right answer
             self.max_retries, self.keep_failed = 0, True
-        if hasattr(self, "reward_threshold"):  # SD-Zero phase 1: nor does it solve a problem; keep every revision
-            self.reward_threshold = 0.0
+        if hasattr(self, "revise_correct"):  # SD-Zero phase 1: nor does it solve a problem; keep every revision
+            self.reward_threshold, self.revise_correct = 0.0, True
         original(self)
 
     TrainingArguments.__post_init__ = budget
