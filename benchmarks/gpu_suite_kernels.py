@@ -160,7 +160,7 @@ def _measure_size(step, x, w, meter: Meter, warmups: int, repeats: int) -> dict:
         times.append(meter.now() - start)
     graphs_after = dynamo_graph_count()
     row = {"status": "ok", "median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times],
-           "peak_gib": gib(peak), "loss": float(loss)}
+           "peak_gib": gib(peak), "loss": float(loss.detach())}
     if graphs_before is not None:
         row["graphs_compiled_warmup"] = graphs_warm - graphs_before
         row["graphs_compiled_measured"] = graphs_after - graphs_warm  # > 0: it recompiles on calls of one shape
@@ -218,9 +218,10 @@ def run_task(task: dict, ctx: dict) -> dict:
         del x
         w["student_weight"].grad = None
         meter.release()
-        print(f"    {method:<24} N={n:<6}{' (revisit)' if revisit else '          '} " + (
-            f"{row['median_ms']:9.1f} ms {row['peak_gib']:7.2f} GiB" if row["status"] == "ok" else row["status"]
-            + (f": {row.get('error', '')[:200]}" if row["status"] == "error" else "")), flush=True)
+        print(f"    {method:<32} N={n:<6}{' (revisit)' if revisit else '          '} " + (
+            f"{row['median_ms']:9.1f} ms {row['peak_gib']:7.2f} GiB  graphs compiled "
+            f"{row.get('graphs_compiled_warmup')}/{row.get('graphs_compiled_measured')}" if row["status"] == "ok"
+            else row["status"] + (f": {row.get('error', '')[:200]}" if row["status"] == "error" else "")), flush=True)
     status = "ok" if all(r["status"] == "ok" for r in rows) else (
         "error" if any(r["status"] == "error" for r in rows) else "partial")
     return {"status": status, "description": METHODS[method][0], "order": order, "rows": rows}
