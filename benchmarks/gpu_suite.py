@@ -2,9 +2,10 @@
 
 Sections (each guarded: a failure is recorded and the rest still run; each time-boxed: what does not fit is recorded
 as `skipped_for_time`, never dropped silently):
-  loss_kernels    fwd+bwd of our losses (plain EOPD, fused EOPD eager/compiled, fused top-k KL) and the peers (TRL
-                  1.16 chunked divergence, Liger chunked JSD, Liger Triton fused linear JSD) at Qwen3 sizes
-                  (student hidden 2048, teacher 4096, V 151,936), N in {4096, 16384, 32768} in a changing order
+  loss_kernels    fwd+bwd of our losses (plain EOPD, fused EOPD eager/compiled, EOPD from teacher targets as the
+                  trainer runs it, fused and Liger-based top-k KL) and the peers (TRL 1.16 chunked divergence, Liger
+                  chunked JSD, Liger Triton fused linear JSD) at Qwen3 sizes (student hidden 2048, teacher 4096,
+                  V 151,936), N in {4096, 16384, 32768} in a changing order
   eopd_trainer    EntropyAwareGKDTrainer vs trl.DistillationTrainer: 0.6B-shaped student, 1.7B-shaped teacher, bf16,
                   HF generation; default (compiled loss on CUDA) and eager loss; fp32 master weights under bf16 autocast
   sdzero_trainer  SDZeroTrainer (0.6B self-teacher; native and Liger-based loss) vs DistillationTrainer with a frozen
