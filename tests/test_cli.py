@@ -183,6 +183,7 @@ def test_short_cli_run_warns_nothing_of_ours_and_writes_its_files(tmp_path):
 
 
 def test_sdzero_srt_cli_run_does_not_warn_about_model_init_kwargs(tmp_path):
+    import os
     import textwrap
 
     from trl_sdx.testing import save_tiny_pair
@@ -197,8 +198,9 @@ def test_sdzero_srt_cli_run_does_not_warn_about_model_init_kwargs(tmp_path):
                   str(tmp_path / "srt"), "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
                   "--init_max_new_tokens", "6", "--revision_max_new_tokens", "6", "--num_revisions", "2",
                   "--revise_correct", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-                  "--srt_stages", "generation", "--disable_tqdm", "true",
-                  env_extra={"PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+                  "--srt_stages", "generation", "--disable_tqdm", "true", "--stage2_size", "1",
+                  env_extra={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for warning in OUR_WARNINGS:
         assert warning not in result.stdout + result.stderr
