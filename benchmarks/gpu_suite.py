@@ -436,6 +436,9 @@ def _status_cell(result: dict) -> str:
     return text + (f" ({result['note']})" if result.get("note") else "")
 
 
+OUR_CHUNKS = "at their trainers' defaults (EOPD: sized by V; SD-Zero: SDZeroConfig.loss_chunk_size)"
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# GPU suite ({'tiny, ' if report['mode'] == 'tiny' else ''}{report['device_name']})", "",
              f"Command: `{report['command']}`", "",
@@ -451,7 +454,7 @@ def to_markdown(report: dict) -> str:
         lines += ["## Loss kernels", "",
                   f"Loss + backward, {cfg['dtype']}, student hidden {cfg['hidden_student']}, teacher hidden "
                   f"{cfg['hidden_teacher']}, V {cfg['vocab']}, peers' chunk {cfg['chunk_size']} rows, ours "
-                  f"{cfg['our_chunk_size'] or 'at the library default (sized by V)'}; median of {cfg['repeats']} "
+                  f"{cfg['our_chunk_size'] or OUR_CHUNKS}; median of {cfg['repeats']} "
                   f"after {cfg['warmups']} warm-ups; GiB = peak above the inputs. Sizes are visited in the order "
                   "shown, then the first again (`revisit`); `graphs` = torch.compile graphs built during the "
                   "warm-ups / the measured calls of each visit.", "",
@@ -475,8 +478,9 @@ def to_markdown(report: dict) -> str:
               f"{report['config']['trainers']['prompt_words']} tokens + chat template, "
               f"{report['config']['trainers']['measured_steps']} measured optimizer steps after "
               f"{report['config']['trainers']['warmup_steps']}; peak = training-phase allocation peak above the "
-              "process's memory before the task. Ratios are against the TRL peer at equal settings in the same run.",
-              "", "| section | task | s / step | generation s | peak GiB | peer | step ratio | peak ratio | status |",
+              "process's memory before the task; rollout = generation + the rollout-time scoring inside the step. "
+              "Ratios are against the TRL peer at equal settings in the same run.",
+              "", "| section | task | s / step | rollout s | peak GiB | peer | step ratio | peak ratio | status |",
               "|---|---|---|---|---|---|---|---|---|"]
     for section_name, section in report["sections"].items():
         if section_name == "loss_kernels":
@@ -485,7 +489,7 @@ def to_markdown(report: dict) -> str:
             if "tokens_per_s" in r:
                 continue
             lines.append(f"| {section_name} | {name} | {_fmt(r.get('step_s'), '.3f')} | "
-                         f"{_fmt(r.get('generation_s'), '.3f')} | {_fmt(r.get('peak_gib'), '.2f')} | "
+                         f"{_fmt(r.get('rollout_s'), '.3f')} | {_fmt(r.get('peak_gib'), '.2f')} | "
                          f"{r.get('peer', '')} | {_fmt(r.get('step_ratio'), '.3f')} | "
                          f"{_fmt(r.get('peak_ratio'), '.3f')} | {_status_cell(r)} |")
     generation = report["sections"].get("mixsd", {}).get("tasks", {}).get("target_generation", {})

@@ -20,8 +20,8 @@ from gpu_suite_setup import Meter, dynamo_graph_count, gib
 EOPD_OPTIONS = dict(tau=0.8, alpha=1.0, top_k=16, clip_eps=0.2, temperature=1.0)  # paper defaults
 TOPK_KL_OPTIONS = dict(kl_type="mixed", mixed_kl_weight=0.5, top_k=64, temperature=1.0)  # SD-Zero defaults
 
-# name -> (what runs, needs CUDA). Ours run at the library's default chunk size (sized by the vocabulary), the peers
-# at the chunk size of the measurements in ../shared/specs/anchors.md.
+# name -> (what runs, needs CUDA). Ours run at the chunk size their trainer uses by default (EOPD: sized by the
+# vocabulary; SD-Zero: `SDZeroConfig.loss_chunk_size`), the peers at the chunk size of ../shared/specs/anchors.md.
 METHODS = {
     "plain_eopd": ("trl_sdx entropy_aware_opd_loss on full [N, V] logits", False),
     "fused_eopd": ("trl_sdx fused_entropy_aware_opd_loss, eager", False),
@@ -105,12 +105,14 @@ def _step_fn(method: str, w: dict, chunk_size: int, our_chunk_size: int | None):
         from trl_sdx.losses import liger_topk_distillation_loss
 
         return lambda x: liger_topk_distillation_loss(x["student_hidden"], sw, x["teacher_hidden"], tw, x["mask"],
-                                                      chunk_size=chunk_size, **TOPK_KL_OPTIONS)
+                                                      chunk_size=our_chunk_size or _sdzero_chunk_size(),
+                                                      **TOPK_KL_OPTIONS)
     if method == "fused_topk_kl":
         from trl_sdx.losses import fused_topk_distillation_loss
 
         return lambda x: fused_topk_distillation_loss(x["student_hidden"], sw, x["teacher_hidden"], tw, x["mask"],
-                                                      chunk_size=our_chunk_size, **TOPK_KL_OPTIONS)
+                                                      chunk_size=our_chunk_size or _sdzero_chunk_size(),
+                                                      **TOPK_KL_OPTIONS)
     if method == "trl_chunked_divergence":
         from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
@@ -131,6 +133,15 @@ def _step_fn(method: str, w: dict, chunk_size: int, our_chunk_size: int | None):
         loss_fn = LigerFusedLinearJSD(jsd_beta=1.0)
         return lambda x: loss_fn(x["student_hidden"][0], sw, x["teacher_hidden"][0], tw, None)
     raise ValueError(f"unknown loss-kernel method {method!r}; choose from {sorted(METHODS)}")
+
+
+def _sdzero_chunk_size() -> int:
+    """The chunk size SDZeroTrainer passes to its fused loss by default."""
+    import dataclasses
+
+    from trl_sdx.sdzero import SDZeroConfig
+
+    return next(f.default for f in dataclasses.fields(SDZeroConfig) if f.name == "loss_chunk_size")
 
 
 def _measure_size(step, x, w, meter: Meter, warmups: int, repeats: int) -> dict:

@@ -4,9 +4,9 @@ each builds on, at equal settings, in the same process (EOPD, SD-Zero, MixSD, an
 Equal work: every completion is exactly `completion_len` tokens (`min_new_tokens`), every prompt `prompt_words`
 tokens plus the chat template's, the same batch, learning rate, gradient checkpointing and precision. A task trains
 `warmup_steps + measured_steps` optimizer steps; the step time is the median of the measured ones (synchronised on
-CUDA; generation included, and reported apart as `generation_s`); peak memory is the highest allocation of the
-training phase above what the process held before the task built its models (weights, gradients, optimizer state,
-activations, generation).
+CUDA; the rollout, i.e. generation and the scoring done at rollout time, is included and reported apart as
+`rollout_s`); peak memory is the highest allocation of the training phase above what the process held before the
+task built its models (weights, gradients, optimizer state, activations, generation).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _step_timer(meter: Meter):
     return StepTimer()
 
 
-def _time_generation(trainer, meter: Meter) -> list:
+def _time_rollouts(trainer, meter: Meter) -> list:
     """Wrap the trainer's rollout method (an instance attribute shadows the class's) to time each call."""
     original, times = trainer._generate_and_score_completions, []
 
@@ -191,7 +191,7 @@ def run_trainer_task(task: dict, ctx: dict) -> dict:
         held = meter.allocated() - base
         timer = _step_timer(meter)
         trainer.add_callback(timer)
-        generation_times = _time_generation(trainer, meter) if has_rollouts else []
+        rollout_times = _time_rollouts(trainer, meter) if has_rollouts else []
         trainer.train()
         peak = meter.peak() - base
         fsdp_enabled = bool(getattr(trainer, "is_fsdp_enabled", False))
@@ -208,8 +208,8 @@ def run_trainer_task(task: dict, ctx: dict) -> dict:
         "lm_head_dtensor": dtensor_head, "final_loss": logs[-1]["loss"] if logs else None,
         "completion_mean_length": logs[-1].get("completions/mean_length") if logs else None, **extra,
     }
-    if generation_times:
-        result["generation_s"] = statistics.median(generation_times[warm:] or generation_times)
+    if rollout_times:
+        result["rollout_s"] = statistics.median(rollout_times[warm:] or rollout_times)
     if task.get("fsdp2"):
         cpu_fallback = meter.device.type == "cpu" and ctx.get("cpu_fsdp2")  # why FSDP2 could not run on this CPU
         if cpu_fallback:
