@@ -210,3 +210,16 @@ def test_rows_longer_than_max_length_are_dropped_with_a_count_or_raise(tmp_path,
     assert marker == {"examples": 3, "dropped_too_long": 1, "trained_on": 2}
     # the rows that fit are trained whole, never cut (SFT's own max_length would have truncated silently)
     assert [n - full[0] for n in recorder.lengths] in ([0, full[1] - full[0]], [1, full[1] - full[0] + 1])
+
+
+@pytest.mark.parametrize("processes, expected", [(1, "unset"), (2, None)])
+def test_models_load_without_device_map_auto_under_a_multi_process_launch(tmp_path, monkeypatch, processes,
+                                                                          expected):
+    """`device_map="auto"` (TRL's default on a GPU) would spread each process's copy over every GPU."""
+    import trl_sdx.sdzero.srt as srt
+
+    seen = {}
+    monkeypatch.setattr(srt, "create_model_from_path", lambda path, **kwargs: seen.update(kwargs) or "model")
+    monkeypatch.setattr(srt, "PartialState", lambda: type("State", (), {"num_processes": processes})())
+    assert srt._load_model("some/path", _config(tmp_path, model_init_kwargs={"dtype": "float32"})) == "model"
+    assert seen.get("device_map", "unset") == expected and seen["dtype"] == "float32"
