@@ -29,14 +29,20 @@ def to_prompts(dataset, problem_column: str = "problem"):
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m trl_sdx.data.math_prompts", description=__doc__.split("\n")[0])
-    parser.add_argument("--source", default=DEFAULT_SOURCE, help="Hub dataset or local path with a problem column.")
+    parser.add_argument("--source", default=DEFAULT_SOURCE,
+                        help="Hub dataset, local folder, or one .parquet/.json(l)/.csv file with a problem column.")
     parser.add_argument("--split", default="train")
     parser.add_argument("--problem_column", default="problem")
     parser.add_argument("--output", default="math_prompts", help="Folder to write (train.parquet inside).")
     args = parser.parse_args(argv)
     from datasets import load_dataset
 
-    prompts = to_prompts(load_dataset(args.source, split=args.split), args.problem_column)
+    suffix = Path(args.source).suffix.lstrip(".")
+    if Path(args.source).is_file() and suffix in ("parquet", "json", "jsonl", "csv"):  # one local file
+        source = load_dataset("json" if suffix == "jsonl" else suffix, data_files=args.source, split="train")
+    else:
+        source = load_dataset(args.source, split=args.split)
+    prompts = to_prompts(source, args.problem_column)
     target = Path(args.output) / "train.parquet"
     target.parent.mkdir(parents=True, exist_ok=True)
     prompts.to_parquet(str(target))
