@@ -95,6 +95,7 @@ def apply_budget() -> None:
             self.max_retries, self.keep_failed = 0, True
         if hasattr(self, "revise_correct"):  # SD-Zero phase 1: nor does it solve a problem; keep every revision
             self.reward_threshold, self.revise_correct = 0.0, True
+            self.srt_stages = ["revision"]  # every y_init counts as correct: stage 1 (incorrect-init only) is empty
         original(self)
 
     TrainingArguments.__post_init__ = budget
