@@ -105,8 +105,8 @@ def plot_curves(path: str, panels: list[dict]) -> None:
     cols = max(sum(1 for p in panels if p.get("row", 0) == r) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(4.2 * cols, 3.3 * len(rows)), squeeze=False)
     used = set()
-    for r in rows:
-        for c, panel in enumerate(p for p in panels if p.get("row", 0) == r):
+    for r, row in enumerate(rows):  # row keys need not be contiguous
+        for c, panel in enumerate(p for p in panels if p.get("row", 0) == row):
             ax = axes[r][c]
             used.add((r, c))
             for series in panel["series"]:

@@ -65,9 +65,16 @@ import synthetic_modes  # noqa: E402
 TAU_EOPD = 0.8
 METHODS = {"OPD (τ=∞)": float("inf"), "EOPD (τ=0.8)": TAU_EOPD}
 SYNTH_METRICS = ("kl_modal", "student_entropy_modal", "student_valid_mass_modal", "coverage_at_k", "valid_share",
-                 "pass_at_k", "kl_all_positions", "kl_deterministic")
+                 "pass_at_k", "kl_all_positions", "kl_deterministic", "coverage_first_token_at_k")
 REAL_METRICS = ("kl_heldout", "student_nll_heldout", "student_entropy_heldout", "kl_gated", "kl_ungated",
                 "student_entropy_gated", "kl_validation")
+# (section, metrics, selection metric of rule R2, outcomes compared EOPD − OPD)
+SECTIONS = (
+    ("synthetic", SYNTH_METRICS, "kl_all_positions",
+     ["coverage_at_k", "kl_modal", "student_entropy_modal", "valid_share", "kl_deterministic",
+      "coverage_first_token_at_k"]),
+    ("real", REAL_METRICS, "kl_validation", ["kl_heldout", "student_entropy_heldout", "kl_gated"]),
+)
 SIZES = {
     # prompts, K, batch (prompts per optimizer step), steps, eval every, seeds, lr sweep; real-model counterparts
     "toy": dict(num_prompts=8, num_valid=4, batch_size=4, steps=4, eval_every=2, seeds=[0, 1], lrs=[1e-3],
@@ -145,6 +152,9 @@ def choose_lr(runs_of_method: dict, metric: str) -> str | None:
 
 def summarise(runs: dict, metrics, selection_metric: str, outcomes: list[str]) -> dict:
     """Chosen lr per method (R1/R2), aggregated curves at it, paired final differences (R4), the full sweep."""
+    recorded = next(iter(next(iter(runs.values())).values()))[0][0]  # a results file from before a metric existed
+    metrics = [m for m in metrics if m in recorded]
+    outcomes = [m for m in outcomes if m in recorded]
     chosen = {method: choose_lr(by_lr, selection_metric) for method, by_lr in runs.items()}
     curves = {m: aggregate_curves(runs[m][lr], metrics) for m, lr in chosen.items() if lr is not None}
     opd, eopd = list(METHODS)
@@ -228,9 +238,9 @@ def _run_synthetic(p: dict, section: dict, log, on_progress) -> None:
         return curve
 
     section["student_after_sft"] = sft_checks
-    outcomes = ["coverage_at_k", "kl_modal", "student_entropy_modal", "valid_share"]
+    _, metrics, selection, outcomes = SECTIONS[0]
     _sweep(p["lrs"], p["seeds"], run_one, log, "synthetic",
-           lambda runs: _progress(section, runs, SYNTH_METRICS, "kl_all_positions", outcomes, on_progress))
+           lambda runs: _progress(section, runs, metrics, selection, outcomes, on_progress))
 
 
 # --- the real-model setting ------------------------------------------------------------------------------------
@@ -306,15 +316,15 @@ def run_real(p: dict, teacher_name: str, student_name: str, section: dict, log, 
         curve[-1]["train_stats"] = stats
         return curve
 
-    outcomes = ["kl_heldout", "student_entropy_heldout", "kl_gated"]
+    _, metrics, selection, outcomes = SECTIONS[1]
     _sweep(p["real_lrs"], p["real_seeds"], run_one, log, "real",
-           lambda runs: _progress(section, runs, REAL_METRICS, "kl_validation", outcomes, on_progress))
+           lambda runs: _progress(section, runs, metrics, selection, outcomes, on_progress))
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------
 
 HIGHER_IS_BETTER = {"coverage_at_k": True, "valid_share": True, "kl_modal": False, "kl_heldout": False,
-                    "kl_gated": False}
+                    "kl_gated": False, "kl_deterministic": False, "coverage_first_token_at_k": True}
 
 
 def preregistered_rule() -> str:
@@ -352,51 +362,69 @@ def _sweep_table(section: dict, metrics: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def _synthetic_markdown(s: dict, p: dict, title: str, note: str = "") -> list[str]:
+    c = s["teacher_check"]
+    lines = [
+        title, "", *([note, ""] if note else []),
+        f"{p['num_prompts']} prompts `#XY=`, K = {p['num_valid']} valid completions `m m <|im_end|>` each "
+        "(benchmarks/efficacy/synthetic_modes.py). Teacher: tiny Llama (hidden 64, 3 layers) trained "
+        f"{p['teacher_steps']} steps on uniformly drawn valid completions. Student: tiny Llama (hidden 32, 2 "
+        f"layers), per seed, fine-tuned {p['sft_steps']} steps on the teacher's greedy completions. Distillation: "
+        f"{p['steps']} optimizer steps of {p['batch_size']} prompts, 4 optimizer steps per rollout, T = 1, "
+        f"constant lr from {p['lrs']}, seeds {p['seeds']}; coverage@k with k = {p['num_samples']}.", "",
+        f"**Within reach (checked first).** Teacher entropy at the multi-modal position: mean "
+        f"{c['entropy_modal_mean']:.3f}, min {c['entropy_modal_min']:.3f} nats (ln K = {c['ln_K']:.3f}, τ = "
+        f"{c['tau']}); share of prompts above τ: {c['share_modal_above_tau']:.2f}; max entropy at the "
+        f"deterministic positions {c['entropy_deterministic_max']:.3f}; teacher mass on the valid answers: mean "
+        f"{c['valid_mass_modal_mean']:.3f}, min {c['valid_mass_modal_min']:.3f}; the teacher's own coverage@k "
+        f"{c['teacher_coverage_at_k']:.3f}, valid share {c['teacher_valid_share']:.3f}.", "",
+    ]
+    sft = s.get("student_after_sft", {})
+    if sft:
+        cov = mean_interval(v["coverage_at_k"] for v in sft.values())
+        ent = mean_interval(v["student_entropy_modal"] for v in sft.values())
+        lines += [f"Student after SFT (step 0): coverage@k {format_interval(cov)}, entropy at the multi-modal "
+                  f"position {format_interval(ent)} nats.", ""]
+    if "curves" in s:
+        lines += [f"Chosen lr (R1, by final `kl_all_positions`): {s['chosen_lr']} (lrs finished for every "
+                  f"method: {s['lrs_finished']}).", ""]
+        outcomes = [("coverage_at_k", "coverage@k (primary)"),
+                    ("kl_modal", "KL(π_T‖π_θ) at the multi-modal position"),
+                    ("student_entropy_modal", "student entropy there (nats)"),
+                    ("valid_share", "share of valid samples"),
+                    ("kl_deterministic", "KL at the deterministic positions"),
+                    ("coverage_first_token_at_k", "first-token coverage@k (exact, multi-modal position only)")]
+        first_curve = next(iter(s["curves"].values()))
+        lines += _outcome_table(s, [o for o in outcomes if o[0] in first_curve[0]])
+        lines += ["", "Every setting of the sweep, last step:", ""]
+        lines += _sweep_table(s, [("kl_all_positions", "KL all positions (selection)"),
+                                  ("coverage_at_k", "coverage@k"), ("kl_modal", "KL modal"),
+                                  ("student_entropy_modal", "entropy modal")])
+        lines.append("")
+    return lines
+
+
 def to_markdown(r: dict) -> str:
     status = "complete" if r["complete"] else "PARTIAL — the run stopped before every planned seed/setting finished"
     lines = ["# EOPD (τ = 0.8) versus OPD (τ = ∞): does the entropy gate help?", "",
              f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} threads; wall time "
              f"{r['seconds']:.0f} s. Means over seeds with 95% t-intervals `mean [lo, hi]` "
              "(benchmarks/efficacy/common.py); EOPD − OPD is paired by seed (same initial student, prompt order and "
-             "sampling seed).", "", "```", preregistered_rule(), "```", ""]
+             "sampling seed).", ""]
+    if r.get("deviations"):
+        lines += ["**Deviations from the planned protocol** (the `SIZES` of the script):", "",
+                  *[f"- {d}" for d in r["deviations"]], ""]
+    lines += ["```", preregistered_rule(), "```", ""]
     p = r["sizes"]
-    s = r.get("synthetic")
-    if s:
-        c = s["teacher_check"]
-        lines += [
-            "## 1. Synthetic: a teacher with K valid answers at a known position", "",
-            f"{p['num_prompts']} prompts `#XY=`, K = {p['num_valid']} valid completions `m m <|im_end|>` each "
-            "(benchmarks/efficacy/synthetic_modes.py). Teacher: tiny Llama (hidden 64, 3 layers) trained "
-            f"{p['teacher_steps']} steps on uniformly drawn valid completions. Student: tiny Llama (hidden 32, 2 "
-            f"layers), per seed, fine-tuned {p['sft_steps']} steps on the teacher's greedy completions. Distillation: "
-            f"{p['steps']} optimizer steps of {p['batch_size']} prompts, 4 optimizer steps per rollout, T = 1, "
-            f"constant lr from {p['lrs']}, seeds {p['seeds']}; coverage@k with k = {p['num_samples']}.", "",
-            f"**Within reach (checked first).** Teacher entropy at the multi-modal position: mean "
-            f"{c['entropy_modal_mean']:.3f}, min {c['entropy_modal_min']:.3f} nats (ln K = {c['ln_K']:.3f}, τ = "
-            f"{c['tau']}); share of prompts above τ: {c['share_modal_above_tau']:.2f}; max entropy at the "
-            f"deterministic positions {c['entropy_deterministic_max']:.3f}; teacher mass on the valid answers: mean "
-            f"{c['valid_mass_modal_mean']:.3f}, min {c['valid_mass_modal_min']:.3f}; the teacher's own coverage@k "
-            f"{c['teacher_coverage_at_k']:.3f}, valid share {c['teacher_valid_share']:.3f}.", "",
-        ]
-        sft = s.get("student_after_sft", {})
-        if sft:
-            cov = mean_interval(v["coverage_at_k"] for v in sft.values())
-            ent = mean_interval(v["student_entropy_modal"] for v in sft.values())
-            lines += [f"Student after SFT (step 0): coverage@k {format_interval(cov)}, entropy at the multi-modal "
-                      f"position {format_interval(ent)} nats.", ""]
-        if "curves" in s:
-            lines += [f"Chosen lr (R1, by final `kl_all_positions`): {s['chosen_lr']} (lrs finished for every "
-                      f"method: {s['lrs_finished']}).", ""]
-            lines += _outcome_table(s, [("coverage_at_k", "coverage@k (primary)"),
-                                        ("kl_modal", "KL(π_T‖π_θ) at the multi-modal position"),
-                                        ("student_entropy_modal", "student entropy there (nats)"),
-                                        ("valid_share", "share of valid samples"),
-                                        ("kl_deterministic", "KL at the deterministic positions")])
-            lines += ["", "Every setting of the sweep, last step:", ""]
-            lines += _sweep_table(s, [("kl_all_positions", "KL all positions (selection)"),
-                                      ("coverage_at_k", "coverage@k"), ("kl_modal", "KL modal"),
-                                      ("student_entropy_modal", "entropy modal")])
-            lines.append("")
+    if r.get("synthetic"):
+        lines += _synthetic_markdown(r["synthetic"], p,
+                                     "## 1. Synthetic: a teacher with K valid answers at a known position")
+    if r.get("synthetic_followup"):
+        f = r["synthetic_followup"]
+        lines += _synthetic_markdown(f, f["sizes"], "## 1b. Synthetic, post-hoc follow-up (NOT pre-registered)",
+                                     note=f"Run after seeing section 1, to test its reading; command `{f['command']}`. "
+                                     "Same task, teacher and SFT'd students; only the steps and the lr list "
+                                     "differ. Exploratory: the rule above does not cover it.")
     real = r.get("real")
     if real:
         c = real["teacher_check"]
@@ -446,34 +474,89 @@ def panels(r: dict) -> list[dict]:
              "series": series("student_entropy_modal"),
              "hline": {"y": c["entropy_modal_mean"], "label": "teacher"}},
         ]
+    f = r.get("synthetic_followup", {})
+    if "curves" in f:
+        series = lambda metric: [{"label": m, "curve": c, "metric": metric} for m, c in f["curves"].items()]  # noqa
+        tag = f"post-hoc, {f['sizes']['steps']} steps"
+        out += [
+            {"row": 1, "title": f"synthetic ({tag}): coverage@k", "ylabel": "coverage@k",
+             "series": series("coverage_at_k"), "hline": {"y": f["teacher_check"]["teacher_coverage_at_k"],
+                                                          "label": "teacher"}},
+            {"row": 1, "title": f"synthetic ({tag}): KL at the multi-modal position", "ylabel": "nats",
+             "series": series("kl_modal")},
+        ]
+        if "coverage_first_token_at_k" in next(iter(f["curves"].values()))[0]:
+            out.append({"row": 1, "title": f"synthetic ({tag}): first-token coverage@k", "ylabel": "coverage@k",
+                        "series": series("coverage_first_token_at_k")})
     real = r.get("real", {})
     if "curves" in real:
         series = lambda metric: [{"label": m, "curve": c, "metric": metric} for m, c in real["curves"].items()]  # noqa
         out += [
-            {"row": 1, "title": "SmolLM2: held-out KL(teacher‖student)", "ylabel": "nats / token",
+            {"row": 2, "title": "SmolLM2: held-out KL(teacher‖student)", "ylabel": "nats / token",
              "series": series("kl_heldout")},
-            {"row": 1, "title": "SmolLM2: held-out student entropy", "ylabel": "nats / token",
+            {"row": 2, "title": "SmolLM2: held-out student entropy", "ylabel": "nats / token",
              "series": series("student_entropy_heldout"),
              "hline": {"y": real["teacher_check"]["teacher_entropy_mean"], "label": "teacher"}},
-            {"row": 1, "title": "SmolLM2: KL on gated positions (H_T ≥ τ)", "ylabel": "nats / token",
+            {"row": 2, "title": "SmolLM2: KL on gated positions (H_T ≥ τ)", "ylabel": "nats / token",
              "series": series("kl_gated")},
         ]
     return out
 
 
-def _merge(result: dict, paths: list[str], out_prefix: str | None) -> dict:
+def _concat_seeds(all_runs: list[dict]) -> dict:
+    """runs[method][lr] of several processes (each a subset of the seeds), seeds in file order."""
+    out = {}
+    for runs in all_runs:
+        for method, by_lr in runs.items():
+            for lr, curves in by_lr.items():
+                out.setdefault(method, {}).setdefault(lr, []).extend(curves)
+    return out
+
+
+def _deviations(result: dict) -> list[str]:
+    """Where the merged runs differ from the planned protocol of their size (SIZES): said next to the status."""
+    planned = SIZES[result["size"]]
+    out = []
+    for section, lrs_key, seeds_key in (("synthetic", "lrs", "seeds"), ("real", "real_lrs", "real_seeds")):
+        part = result.get(section)
+        if not part:
+            out.append(f"{section}: not run")
+            continue
+        done = sorted(float(lr) for lr in part.get("lrs_finished", []))
+        if done != sorted(planned[lrs_key]):
+            out.append(f"{section}: learning rates run {done}, planned {sorted(planned[lrs_key])}")
+        seeds = sorted({len(curves) for by_lr in part["runs"].values() for curves in by_lr.values()})
+        if seeds != [len(planned[seeds_key])]:
+            out.append(f"{section}: seeds per setting {seeds}, planned {len(planned[seeds_key])}")
+    return out
+
+
+def _merge(result: dict, paths: list[str], out_prefix: str | None, followup: str | None = None) -> dict:
     """One result from several runs' JSON: each setting from the file that has it; complete only if all were."""
     parts = []
     for path in paths:
         with open(path) as f:
             parts.append(json.load(f))
-    result.update(command=" ; ".join(part["command"] for part in parts), sizes=parts[0]["sizes"],
+    result.update(command=" ; ".join(part["command"] for part in parts), sizes=parts[0]["sizes"], size=parts[0]["size"],
                   threads=parts[0]["threads"], complete=all(part["complete"] for part in parts),
                   seconds=max(part["seconds"] for part in parts))
-    for part in parts:
-        for section in ("synthetic", "real"):
-            if section in part:
-                result[section] = part[section]
+    for section, metrics, selection, outcomes in SECTIONS:
+        have = [part[section] for part in parts if part.get(section, {}).get("runs")]
+        if not have:
+            continue
+        merged = {**have[0], "runs": _concat_seeds([h["runs"] for h in have])}
+        _progress(merged, merged["runs"], metrics, selection, outcomes, lambda: None)
+        result[section] = merged
+        if section == "real":
+            seeds = [s for part in parts if "real" in part for s in part["sizes"]["real_seeds"]]
+            result["sizes"] = {**result["sizes"], "real_seeds": seeds,
+                               "real_lrs": [float(lr) for lr in merged["lrs_finished"]]}
+    result["deviations"] = _deviations(result)
+    if followup:
+        with open(followup) as f:
+            extra = json.load(f)
+        result["synthetic_followup"] = {**extra["synthetic"], "sizes": extra["sizes"], "command": extra["command"],
+                                        "complete": extra["complete"]}
     write_outputs(result, out_prefix, to_markdown, panels(result))
     return result
 
@@ -482,6 +565,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--seeds", type=int, nargs="+", help="override both settings' seeds")
+    parser.add_argument("--steps", type=int, default=None, help="override the synthetic setting's steps")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the synthetic lr sweep")
+    parser.add_argument("--real-lrs", type=float, nargs="+", default=None, help="override the real-model lr sweep")
+    parser.add_argument("--followup", default=None, metavar="JSON",
+                        help="with --merge: a synthetic run made after the main one, shown as a post-hoc section")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--real-teacher", default="smollm2-135m-instruct")
@@ -499,6 +587,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.seeds:
         p["seeds"] = p["real_seeds"] = args.seeds
+    if args.steps:
+        p["steps"] = args.steps
+    if args.lrs:
+        p["lrs"] = args.lrs
+    if args.real_lrs:
+        p["real_lrs"] = args.real_lrs
     started = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result = {
@@ -510,7 +604,7 @@ def main(argv=None) -> dict:
         with open(args.reading) as f:
             result["reading"] = f.read()
     if args.merge:
-        return _merge(result, args.merge, args.out_prefix)
+        return _merge(result, args.merge, args.out_prefix, args.followup)
 
     def save():  # after every finished (method, lr) sweep point: a stopped run still leaves its seeds
         result["seconds"] = round(time.perf_counter() - started, 1)

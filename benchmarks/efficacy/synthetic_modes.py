@@ -174,6 +174,9 @@ def evaluate(model, teacher, task: SynthTask, num_samples: int, seed: int) -> di
         "student_valid_mass_modal": student_p0.gather(1, valid).sum(1).mean().item(),
         "kl_all_positions": stats["kl"].mean().item(),
         "kl_deterministic": stats["kl"][:, 1:].mean().item(),
+        # Expected distinct valid letters among k first tokens, / K, exact from π_θ(·|prompt): coverage of the
+        # multi-modal position alone, whatever the copy and end-of-turn steps do.
+        "coverage_first_token_at_k": (1 - (1 - student_p0.gather(1, valid)) ** num_samples).mean().item(),
         **sampled_coverage(model, task, num_samples, seed),
     }
     model.train(was_training)
