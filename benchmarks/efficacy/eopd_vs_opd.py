@@ -516,7 +516,8 @@ def _concat_seeds(all_runs: list[dict]) -> dict:
 def _deviations(result: dict) -> list[str]:
     """Where the merged runs differ from the planned protocol of their size (SIZES): said next to the status."""
     planned = SIZES[result["size"]]
-    out = []
+    out = [f"{key} = {result['sizes'][key]} (planned {planned[key]})" for key in planned
+           if key not in ("lrs", "seeds", "real_lrs", "real_seeds") and result["sizes"].get(key) != planned[key]]
     for section, lrs_key, seeds_key in (("synthetic", "lrs", "seeds"), ("real", "real_lrs", "real_seeds")):
         part = result.get(section)
         if not part:
@@ -537,8 +538,8 @@ def _merge(result: dict, paths: list[str], out_prefix: str | None, followup: str
     for path in paths:
         with open(path) as f:
             parts.append(json.load(f))
-    result.update(command=" ; ".join(part["command"] for part in parts), sizes=parts[0]["sizes"], size=parts[0]["size"],
-                  threads=parts[0]["threads"], complete=all(part["complete"] for part in parts),
+    result.update(command=" ; ".join(part["command"] for part in parts), sizes=parts[0]["sizes"],
+                  size=parts[0]["size"], threads=parts[0]["threads"], complete=all(part["complete"] for part in parts),
                   seconds=max(part["seconds"] for part in parts))
     for section, metrics, selection, outcomes in SECTIONS:
         have = [part[section] for part in parts if part.get(section, {}).get("runs")]
@@ -548,8 +549,10 @@ def _merge(result: dict, paths: list[str], out_prefix: str | None, followup: str
         _progress(merged, merged["runs"], metrics, selection, outcomes, lambda: None)
         result[section] = merged
         if section == "real":
-            seeds = [s for part in parts if "real" in part for s in part["sizes"]["real_seeds"]]
-            result["sizes"] = {**result["sizes"], "real_seeds": seeds,
+            real_parts = [part for part in parts if "real" in part]
+            seeds = [s for part in real_parts for s in part["sizes"]["real_seeds"]]
+            own = {k: v for k, v in real_parts[0]["sizes"].items() if k.startswith("real_")}  # its own overrides
+            result["sizes"] = {**result["sizes"], **own, "real_seeds": seeds,
                                "real_lrs": [float(lr) for lr in merged["lrs_finished"]]}
     result["deviations"] = _deviations(result)
     if followup:
@@ -568,6 +571,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="override the synthetic setting's steps")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the synthetic lr sweep")
     parser.add_argument("--real-lrs", type=float, nargs="+", default=None, help="override the real-model lr sweep")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                        help="override any entry of the size, e.g. real_steps=8 (listed as a deviation)")
     parser.add_argument("--followup", default=None, metavar="JSON",
                         help="with --merge: a synthetic run made after the main one, shown as a post-hoc section")
     parser.add_argument("--skip-synthetic", action="store_true")
@@ -593,6 +598,11 @@ def main(argv=None) -> dict:
         p["lrs"] = args.lrs
     if args.real_lrs:
         p["real_lrs"] = args.real_lrs
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in p:
+            raise ValueError(f"--set {item}: unknown key {key!r}; the keys are {sorted(p)}.")
+        p[key] = json.loads(value)
     started = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result = {
