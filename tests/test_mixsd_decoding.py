@@ -197,3 +197,32 @@ def test_rejection_sampling_retries_and_drops(model, tokenizer, prompts):
                               **{**kwargs, "max_retries": 0})
     assert [t.attempts for t in single] == [1] * len(ANSWERS)
     assert summarize_targets(single)["num_dropped"] == len(ANSWERS)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_refilled_slots_give_the_fixed_batch_targets(model, tokenizer, prompts, temperature, monkeypatch):
+    """Continuous batching (a finished sequence's slot is refilled at once, with a retry or a pending example)
+    builds exactly the targets of fixed batches decoded by `mixed_generate`, one round per attempt."""
+    import functools
+
+    import trl_sdx.mixsd.continuous as continuous
+
+    merges = []
+    original_add = continuous._Slots.add
+
+    def counting_add(self, attempts, *args):
+        if self.attempts:  # new rows joining sequences that are mid-way
+            merges.append((len(self.attempts), self.mask.shape[1]))
+        return original_add(self, attempts, *args)
+
+    monkeypatch.setattr(continuous._Slots, "add", counting_add)
+    naive, expert = prompts
+    kwargs = dict(lambda_mix=0.5, temperature=temperature, top_k=16, max_new_tokens=12, max_retries=3, seed=5,
+                  eos_token_id=[tokenizer.eos_token_id] + list(range(0, len(tokenizer), 4)),
+                  answer_checker=_crc_checker([]))
+    refilled = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=2, **kwargs)
+    fixed = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=2,
+                             decoder=functools.partial(mixed_generate, model, return_sources=True), **kwargs)
+    assert [t.to_dict() for t in refilled] == [t.to_dict() for t in fixed]
+    assert any(t.attempts > 1 for t in fixed) and len({t.num_tokens for t in fixed}) > 1  # retried, ragged
+    assert merges, "no slot was refilled while another sequence was running: the test proves nothing"

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answers import boxed_answer_checker
+from .continuous import decode_with_refill, supports_refill
 from .mixed_decoding import MixedGenerationOutput, _eos_ids, mixed_generate
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,30 @@ def rejection_sample(
     if attempts_allowed == 1 and max_retries > 0:
         logger.info("MixSD: T = 0 with λ = %s decodes the same sequence every time; retries skipped.", lambda_mix)
     generators = [torch.Generator().manual_seed(example_seed(seed, i)) for i in indices]
-    decode = decoder or functools.partial(mixed_generate, model, return_sources=True)
     results: list[MixedTarget | None] = [None] * n
-    pending = list(range(n))
     bar = tqdm(total=n, desc="MixSD targets", unit="example", disable=disable_progress)
     accepted = 0
+
+    def grade(i: int, attempt: int, ids: list[int], sources: list[bool]) -> bool:
+        nonlocal accepted
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        finish = "stop" if ids and ids[-1] in stop_ids else "length"
+        ok = finish == "stop" and bool(checker(text, gold_answers[i]))
+        results[i] = MixedTarget(list(ids), text, ok, attempt, int(sum(sources)), finish)
+        if ok or attempt == attempts_allowed:
+            accepted += ok
+            bar.update(1)
+            bar.set_postfix(attempt=attempt, accepted=accepted, refresh=False)
+        return ok
+
+    if decoder is None and supports_refill(model):  # a finished sequence's slot is refilled at once
+        decode_with_refill(model, naive_input_ids, expert_input_ids, generators, lambda_mix=lambda_mix,
+                           temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                           batch_size=batch_size, attempts_allowed=attempts_allowed, on_end=grade)
+        bar.close()
+        return results  # type: ignore[return-value]
+    decode = decoder or functools.partial(mixed_generate, model, return_sources=True)
+    pending = list(range(n))  # fixed batches, one round per attempt
     for attempt in range(1, attempts_allowed + 1):
         failed = []
         for start in range(0, len(pending), batch_size):
@@ -120,16 +140,8 @@ def rejection_sample(
                 eos_token_id=sorted(stop_ids), generator=[generators[i] for i in chunk],
             )
             for i, ids, sources in zip(chunk, output.sequences, output.from_naive, strict=True):
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                finish = "stop" if ids and ids[-1] in stop_ids else "length"
-                ok = finish == "stop" and bool(checker(text, gold_answers[i]))
-                results[i] = MixedTarget(ids, text, ok, attempt, int(sum(sources)), finish)
-                if ok or attempt == attempts_allowed:
-                    accepted += ok
-                    bar.update(1)
-                else:
+                if not grade(i, attempt, ids, sources) and attempt < attempts_allowed:
                     failed.append(i)
-            bar.set_postfix(attempt=attempt, accepted=accepted, refresh=False)
         logger.info("MixSD attempt %d: %d/%d examples still failing", attempt, len(failed), n)
         pending = failed
         if not pending:
