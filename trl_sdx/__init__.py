@@ -24,6 +24,8 @@ _EXPORTS = {
     "eopd_loss_from_targets": "trl_sdx.losses",
     "fused_eopd_loss_from_targets": "trl_sdx.losses",
     "boxed_answer_reward": "trl_sdx.rewards",
+    "math_verify_reward": "trl_sdx.rewards",
+    "lenient_answer_reward": "trl_sdx.rewards",
     "resolve_model_name_or_path": "trl_sdx.models",
     "make_half_depth_student": "trl_sdx.models",
 }
