@@ -65,7 +65,7 @@ def test_model_card_names_the_base_model_and_the_method(tmp_path, monkeypatch):
     monkeypatch.setattr("trl_sdx.callbacks.base_model_name", lambda path: SMOLLM2_HUB_ID)
     trainer.create_model_card()
     card = (tmp_path / "README.md").read_text()
-    assert "[None]" not in card
+    assert "[None]" not in card and f"# Model Card for {tmp_path.name}" in card
     assert f"fine-tuned version of [{SMOLLM2_HUB_ID}](https://huggingface.co/{SMOLLM2_HUB_ID})" in card
     assert f"base_model: {SMOLLM2_HUB_ID}" in card
     assert "Entropy-Aware On-Policy Distillation of Language Models" in card and "2603.07079" in card

@@ -181,6 +181,8 @@ class RunArtifactsMixin:
         return {}
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if model_name is None:  # as TRL names it when it saves a checkpoint (else the card's title reads "None")
+            model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
             fix_model_card_base_model(os.path.join(self.args.output_dir, "README.md"),
