@@ -550,7 +550,7 @@ def _merge(result: dict, paths: list[str], out_prefix: str | None, followup: str
         result[section] = merged
         if section == "real":
             real_parts = [part for part in parts if "real" in part]
-            seeds = [s for part in real_parts for s in part["sizes"]["real_seeds"]]
+            seeds = sorted({s for part in real_parts for s in part["sizes"]["real_seeds"]})
             own = {k: v for k, v in real_parts[0]["sizes"].items() if k.startswith("real_")}  # its own overrides
             result["sizes"] = {**result["sizes"], **own, "real_seeds": seeds,
                                "real_lrs": [float(lr) for lr in merged["lrs_finished"]]}
