@@ -220,7 +220,7 @@ def test_refilled_slots_give_the_fixed_batch_targets(model, tokenizer, prompts, 
     kwargs = dict(lambda_mix=0.5, temperature=temperature, top_k=16, max_new_tokens=12, max_retries=3, seed=5,
                   eos_token_id=[tokenizer.eos_token_id] + list(range(0, len(tokenizer), 4)),
                   answer_checker=_crc_checker([]))
-    refilled = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=2, **kwargs)
+    refilled = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=2, refill=True, **kwargs)
     fixed = rejection_sample(model, tokenizer, naive, expert, ANSWERS, batch_size=2,
                              decoder=functools.partial(mixed_generate, model, return_sources=True), **kwargs)
     assert [t.to_dict() for t in refilled] == [t.to_dict() for t in fixed]

@@ -77,6 +77,7 @@ def rejection_sample(
     example_indices: Sequence[int] | None = None,
     disable_progress: bool = True,
     decoder: Callable[..., MixedGenerationOutput] | None = None,
+    refill: bool = False,
 ) -> list[MixedTarget]:
     """Mixed targets for every example, regenerating failures up to `max_retries` extra attempts.
 
@@ -88,6 +89,8 @@ def rejection_sample(
     caller decides whether to drop them). `disable_progress=False` shows a tqdm bar over finished examples.
     `decoder(naive_ids, expert_ids, **decoding_kwargs)` replaces the KV-cache decoder `mixed_generate(model, ...)`
     (e.g. `vllm_decoding.VLLMTargetDecoder`); it gets the same arguments and returns a `MixedGenerationOutput`.
+    `refill=True` refills a finished sequence's slot at once (`continuous.decode_with_refill`, same targets); off by
+    default because the CPU benchmark (`benchmarks/results/mixsd_refill_cpu.md`) shows no gain yet.
     """
     if max_retries < 0:
         raise ValueError(f"`max_retries` must be >= 0 (0 disables retries), got {max_retries}.")
@@ -121,7 +124,7 @@ def rejection_sample(
             bar.set_postfix(attempt=attempt, accepted=accepted, refresh=False)
         return ok
 
-    if decoder is None and supports_refill(model):  # a finished sequence's slot is refilled at once
+    if refill and decoder is None and supports_refill(model):  # a finished sequence's slot is refilled at once
         decode_with_refill(model, naive_input_ids, expert_input_ids, generators, lambda_mix=lambda_mix,
                            temperature=temperature, top_k=top_k, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                            batch_size=batch_size, attempts_allowed=attempts_allowed, on_end=grade)
