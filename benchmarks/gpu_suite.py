@@ -21,7 +21,7 @@ ends only its worker; the remaining tasks go to a fresh one). Results stream to 
 as gpu_suite.json and gpu_suite.md.
 
   python benchmarks/gpu_suite.py --device cuda --out results/          # the GPU machine (see benchmarks/README.md)
-  python benchmarks/gpu_suite.py --device cpu --tiny --out /tmp/suite  # toy sizes: the CI test of the suite itself
+  python benchmarks/gpu_suite.py --device cpu --tiny --out outputs/gpu_suite_tiny  # toy sizes: the CI test of the suite itself
 """
 
 from __future__ import annotations

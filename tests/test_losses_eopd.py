@@ -1,5 +1,5 @@
 """EOPD loss (`entropy_aware_opd_loss`) against an independent per-token reference written from the spec
-(/work/shared/specs/eopd.md), on small random fp64 tensors: values, gradients and statistics."""
+(../shared/specs/eopd.md), on small random fp64 tensors: values, gradients and statistics."""
 
 import math
 

@@ -1,5 +1,5 @@
 """SD-Zero top-k distillation loss (`topk_distillation_loss`) against an independent per-token reference
-written from /work/shared/specs/sdzero.md ("Loss per token"), on small random fp64 tensors."""
+written from ../shared/specs/sdzero.md ("Loss per token"), on small random fp64 tensors."""
 
 import pytest
 import torch

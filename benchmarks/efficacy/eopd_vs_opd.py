@@ -36,9 +36,9 @@ end of rule
 Example (≤ 60 min on 2 idle CPU cores):
   python benchmarks/efficacy/eopd_vs_opd.py --size full --out-prefix benchmarks/results/eopd_efficacy
 or, as the committed results were made (the two settings as two processes, then merged):
-  python benchmarks/efficacy/eopd_vs_opd.py --size full --skip-real --out-prefix /tmp/eopd/synthetic &
-  python benchmarks/efficacy/eopd_vs_opd.py --size full --skip-synthetic --threads 1 --out-prefix /tmp/eopd/real &
-  wait; python benchmarks/efficacy/eopd_vs_opd.py --merge /tmp/eopd/synthetic.json /tmp/eopd/real.json \
+  python benchmarks/efficacy/eopd_vs_opd.py --size full --skip-real --out-prefix outputs/eopd/synthetic &
+  python benchmarks/efficacy/eopd_vs_opd.py --size full --skip-synthetic --threads 1 --out-prefix outputs/eopd/real &
+  wait; python benchmarks/efficacy/eopd_vs_opd.py --merge outputs/eopd/synthetic.json outputs/eopd/real.json \
       --out-prefix benchmarks/results/eopd_efficacy
 Toy size (CI, tests/test_efficacy_toy.py): --size toy, with --real-teacher/--real-student naming tiny models.
 """
