@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..vllm_engine import release_vllm_engine
 from .mixed_decoding import MixedGenerationOutput, draw_step_randomness
 
 
@@ -120,12 +121,4 @@ class VLLMTargetDecoder:
                                    max_new_tokens=max_new_tokens, stop_token_ids=eos_token_id, generator=generator)
 
     def close(self) -> None:
-        import gc
-
-        engine = getattr(self.llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()
-        del self.llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_vllm_engine(self)

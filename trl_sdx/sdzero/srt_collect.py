@@ -13,7 +13,6 @@ processes there are. After each round the processes add up their kept revisions 
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -27,6 +26,7 @@ from trl.data_utils import is_conversational
 from trl_sdx.sdzero.rewards import binary_reward, score_completions
 from trl_sdx.sdzero.srt_config import SRTConfig
 from trl_sdx.sdzero.teacher_inputs import control_text
+from trl_sdx.vllm_engine import release_vllm_engine
 
 D_REV_COLUMNS = ("y_init", "init_reward", "control_phrase", "y_revised")
 
@@ -119,13 +119,7 @@ class VLLMSampler:
 
     def close(self) -> None:
         """Free the engine and its GPU memory (KV cache included) before SFT needs it."""
-        engine = getattr(self.llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "shutdown"):
-            engine.shutdown()
-        del self.llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_vllm_engine(self)
 
 
 # --------------------------------------------------------------------------------------------------------------------
