@@ -41,6 +41,10 @@ _CORPUS = [
 
 @functools.lru_cache(maxsize=4)
 def _trained_tokenizer_json(vocab_size: int) -> str:
+    return _train_bpe_json(_CORPUS * 4, vocab_size)
+
+
+def _train_bpe_json(texts, vocab_size: int) -> str:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,7 +54,7 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok.to_str()
 
 
@@ -60,8 +64,18 @@ def make_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     Byte-level means any text round-trips, so generated garbage from random models still decodes.
     The result is deterministic (BPE training is deterministic for a fixed corpus).
     """
+    return _chatml_tokenizer(_trained_tokenizer_json(vocab_size))
+
+
+def make_corpus_tokenizer(texts, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Like `make_tiny_tokenizer`, but its BPE merges are learnt from `texts` (a synthetic task's own corpus), so the
+    task's words are few tokens each and a tiny model spends its capacity on the task rather than on spelling."""
+    return _chatml_tokenizer(_train_bpe_json(list(texts), vocab_size))
+
+
+def _chatml_tokenizer(tokenizer_json: str) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
         eos_token="<|im_end|>",
         pad_token="<pad>",
         bos_token=None,
