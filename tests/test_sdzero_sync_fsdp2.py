@@ -1,8 +1,8 @@
 """Teacher sync under FSDP2 (2 CPU processes, gloo, through accelerate's FSDP2 plugin; see tests/cpu_fsdp2.py).
 
-The student is fully_shard'ed per decoder layer (DTensor parameters); TRL prepares the frozen 'copy' teacher without
-sharding it, so the sync gathers each student shard into the replicated teacher on every process (a sharded teacher
-gets a shard-by-shard copy instead, `teacher_sync._assign`). After 2 steps with a sync after each, the teacher equals
+The student is fully_shard'ed per decoder layer (DTensor parameters), and so is the frozen 'copy' teacher (TRL would
+replicate it; SDZeroTrainer shards it with `prepare_fsdp`), so the sync copies shard by shard
+(`teacher_sync._assign`). After 2 steps with a sync after each, the teacher equals
 the student on every rank, both equal a DDP run of the same trainer, and `save_model` writes `sdzero_teacher.pt`.
 
 This file is also the driver the launches run: `python test_sdzero_sync_fsdp2.py OUT`.
@@ -54,6 +54,7 @@ def main(out_dir: str) -> None:
     torch.save({"student": student, "teacher": teacher}, os.path.join(out_dir, f"weights{rank}.pt"))
     record = {"distributed_type": str(trainer.accelerator.distributed_type),
               "student_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+              "teacher_types": sorted({type(p).__name__ for p in trainer.teacher_model.parameters()}),
               "saved_teacher": os.path.isfile(os.path.join(saved, TEACHER_STATE_FILE))}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
@@ -75,6 +76,7 @@ def test_sync_under_fsdp2_copies_the_shards_like_ddp(tmp_path):
     records = [json.loads((tmp_path / "fsdp2" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["distributed_type"] for r in records] == ["DistributedType.FSDP"] * 2
     assert all(r["student_types"] == ["DTensor"] for r in records)  # the student really is sharded
+    assert all(r["teacher_types"] == ["DTensor"] for r in records)  # and so is the teacher (not one copy per GPU)
     assert records[0]["saved_teacher"]  # written by the main process, from shards gathered on both
     fsdp2 = [torch.load(tmp_path / "fsdp2" / f"weights{r}.pt") for r in (0, 1)]
     ddp = torch.load(tmp_path / "ddp" / "weights0.pt")

@@ -22,6 +22,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import DistillationTrainer
 from trl.data_utils import is_conversational
+from trl.models.utils import prepare_fsdp
 from trl.trainer.utils import get_config_model_id
 
 from trl_sdx.callbacks import RunArtifactsMixin
@@ -215,6 +216,11 @@ class SDZeroTrainer(RunArtifactsMixin, DistillationTrainer):
             self.teacher_model = None  # the teacher is `self.model` under `disable_adapter()`
             teacher_unwrapped = self.accelerator.unwrap_model(self.model)
         else:
+            if getattr(self.accelerator, "is_fsdp2", False):
+                # DistillationTrainer keeps a whole teacher on every GPU under FSDP2; shard it like GRPOTrainer's
+                # reference model (θ_SRT is the student's size: replicating it would double the model memory).
+                # Teacher sync then copies shard by shard (`teacher_sync._assign`).
+                self.teacher_model = prepare_fsdp(self.teacher_model, self.accelerator)
             teacher_unwrapped = self.accelerator.unwrap_model(self.teacher_model)
             check_same_vocab(self.accelerator.unwrap_model(self.model), teacher_unwrapped)
         self._teacher_forward_keys = _forward_keys(teacher_unwrapped)
@@ -266,8 +272,8 @@ class SDZeroTrainer(RunArtifactsMixin, DistillationTrainer):
         return teacher.eval()
 
     def _check_sync_supported(self, teacher_unwrapped) -> None:
-        # FSDP2: every parameter is a DTensor; the sync gathers each student shard into the teacher (replicated, as TRL
-        # prepares it) or copies shard by shard into a sharded one (`teacher_sync._assign`).
+        # FSDP2: every parameter is a DTensor (the teacher is sharded like the student in __init__), so the sync copies
+        # shard by shard (`teacher_sync._assign`; it also gathers into a replicated teacher, should one be passed).
         # FSDP1 flattens each wrapped unit into one FlatParameter and ZeRO-3 partitions parameters outside their
         # modules: neither has the tensor-by-tensor view a copy needs, so sync is refused there.
         deepspeed_plugin = self.args.deepspeed_plugin
