@@ -47,6 +47,9 @@ def _greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int
     return out[0, len(prompt):].tolist()
 
 
+LAYOUTS = ["shared", "split"]  # one cache of 2B rows at the expert width / a cache per side at its own width
+
+
 @pytest.mark.parametrize("lambda_mix, side", [(0.0, "expert"), (1.0, "naive")])
 def test_extreme_lambda_is_greedy_decoding_of_one_prompt(model, prompts, lambda_mix, side):
     naive, expert = prompts
@@ -61,10 +64,11 @@ def test_extreme_lambda_is_greedy_decoding_of_one_prompt(model, prompts, lambda_
     assert other != generated
 
 
-def test_every_token_is_the_argmax_of_its_recorded_conditional(model, prompts):
+@pytest.mark.parametrize("cache_layout", LAYOUTS)
+def test_every_token_is_the_argmax_of_its_recorded_conditional(model, prompts, cache_layout):
     naive, expert = prompts
     out = mixed_generate(model, naive, expert, lambda_mix=0.5, max_new_tokens=NEW_TOKENS, eos_token_id=[],
-                         generator=torch.Generator().manual_seed(1), return_sources=True)
+                         generator=torch.Generator().manual_seed(1), return_sources=True, cache_layout=cache_layout)
     shares = []
     for x_naive, x_expert, tokens, from_naive in zip(naive, expert, out.sequences, out.from_naive, strict=True):
         assert len(tokens) == NEW_TOKENS
@@ -96,8 +100,11 @@ def test_coins_follow_the_generator_and_lambda(model, prompts):
         assert from_naive == (coins < 0.3).tolist()
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_ragged_batch_equals_one_at_a_time(model, prompts, temperature):
+@pytest.mark.parametrize("temperature, cache_layout, sync_every",
+                         [(0.0, "shared", 1), (1.0, "shared", 16), (0.0, "split", 3), (1.0, "split", 1)])
+def test_ragged_batch_equals_one_at_a_time(model, prompts, temperature, cache_layout, sync_every):
+    """Sequences stop at different steps; a batch gives each the tokens it gets alone, whatever the cache layout
+    and however often the host checks for finished sequences (the singles check every step, in one cache)."""
     naive, expert = prompts
     kwargs = dict(lambda_mix=0.5, temperature=temperature, top_k=8, max_new_tokens=NEW_TOKENS)
     # An EOS that sequence 0 produces mid-way: sequences finish at different steps and leave the batch.
@@ -105,9 +112,10 @@ def test_ragged_batch_equals_one_at_a_time(model, prompts, temperature):
                            generator=torch.Generator().manual_seed(5), **kwargs)[0]
     eos = probe[3]
     batch = mixed_generate(model, naive, expert, eos_token_id=eos, generator=torch.Generator().manual_seed(5),
-                           return_sources=True, **kwargs)
+                           return_sources=True, cache_layout=cache_layout, sync_every=sync_every, **kwargs)
     shared = torch.Generator().manual_seed(5)  # one generator consumed in batch order
-    singles = [mixed_generate(model, [n], [e], eos_token_id=eos, generator=shared, return_sources=True, **kwargs)
+    singles = [mixed_generate(model, [n], [e], eos_token_id=eos, generator=shared, return_sources=True,
+                              cache_layout="shared", sync_every=1, **kwargs)
                for n, e in zip(naive, expert, strict=True)]
     assert batch.sequences == [s.sequences[0] for s in singles]
     assert batch.from_naive == [s.from_naive[0] for s in singles]
@@ -150,6 +158,10 @@ def test_bad_arguments_are_rejected(model, prompts):
         mixed_generate(model, naive, expert[:2])
     with pytest.raises(ValueError, match="generator"):
         mixed_generate(model, naive, expert, generator=[torch.Generator()])
+    with pytest.raises(ValueError, match="cache_layout"):
+        mixed_generate(model, naive, expert, cache_layout="packed")
+    with pytest.raises(ValueError, match="sync_every"):
+        mixed_generate(model, naive, expert, sync_every=0)
 
 
 def _crc_checker(calls):
@@ -226,3 +238,113 @@ def test_refilled_slots_give_the_fixed_batch_targets(model, tokenizer, prompts, 
     assert [t.to_dict() for t in refilled] == [t.to_dict() for t in fixed]
     assert any(t.attempts > 1 for t in fixed) and len({t.num_tokens for t in fixed}) > 1  # retried, ragged
     assert merges, "no slot was refilled while another sequence was running: the test proves nothing"
+
+
+def _decode_step_widths(model, run):
+    """Run `run()` and return, per KV cache that took one-token (decode-step) forwards, (rows, cache width at its
+    first decode step)."""
+    first = {}
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if kwargs["input_ids"].shape[1] == 1 and id(cache) not in first:
+            first[id(cache)] = (kwargs["input_ids"].shape[0], cache.get_seq_length())
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return sorted(first.values())
+
+
+def test_split_layout_keeps_the_naive_cache_at_the_naive_width(model, prompts):
+    """`split`: the naive rows' cache is as wide as the longest naive prompt (not the expert one), the expert rows'
+    as wide as the longest expert prompt; `shared`: one cache of 2B rows, at least the expert width (plus the naive
+    remainder's columns, computed after the shared prefix). Same tokens."""
+    naive, expert = prompts
+    batch, width_n, width_e = len(naive), max(map(len, naive)), max(map(len, expert))
+    assert width_e > width_n
+    outputs = {}
+    kwargs = dict(lambda_mix=0.5, max_new_tokens=4, eos_token_id=[])
+    for layout in LAYOUTS:
+        widths = _decode_step_widths(model, lambda: outputs.__setitem__(layout, mixed_generate(
+            model, naive, expert, cache_layout=layout, generator=torch.Generator().manual_seed(4), **kwargs)))
+        if layout == "split":
+            assert widths == [(batch, width_n), (batch, width_e)]
+        else:
+            assert len(widths) == 1 and widths[0][0] == 2 * batch and widths[0][1] >= width_e
+    assert outputs["split"] == outputs["shared"]
+
+
+def test_auto_layout_splits_when_the_wasted_kv_outweighs_the_weights(model, prompts):
+    """The rule: split iff B · (W⁺ − W⁻) · (KV bytes per token) ≥ bytes of the weights, from the config's sizes."""
+    from trl_sdx.mixsd.decode_cache import choose_cache_layout
+
+    naive, expert = prompts
+    config = model.config
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # fp32
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    width_n = max(map(len, naive))
+    # The longest expert prompt that keeps `shared`, and one token more.
+    last_shared = width_n + (weights - 1) // (len(naive) * kv_bytes_per_token)
+    assert last_shared > max(map(len, expert))  # the test prompts are `shared` ...
+    assert choose_cache_layout(model, naive, expert) == "shared"
+    longer = [list(e) + [5] * (last_shared - len(e)) for e in expert]
+    assert choose_cache_layout(model, naive, longer) == "shared"
+    longer[0] = longer[0] + [5]  # ... and one more column of waste per naive row tips it
+    assert choose_cache_layout(model, naive, longer) == "split"
+    assert choose_cache_layout(model, naive, longer, "shared") == "shared"
+
+
+HOST_READS = ("__bool__", "item", "tolist", "__int__", "__float__", "cpu", "numpy")
+
+
+def _count_host_reads_by_trl_sdx(run) -> int:
+    """Device-to-host reads (`bool()`, `.item()`, `.tolist()`, `int()`, `float()`, `.cpu()`, `.numpy()`) that
+    trl_sdx's own code makes while `run()` runs (those inside transformers' forward are not ours to remove)."""
+    import sys
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    count = 0
+
+    def counting(name):
+        def method(self, *args, **kwargs):
+            nonlocal count
+            if "trl_sdx" in sys._getframe(1).f_code.co_filename:
+                count += 1
+            return saved[name](self, *args, **kwargs)
+        return method
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        run()
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+    return count
+
+
+@pytest.mark.parametrize("cache_layout", LAYOUTS)
+def test_the_host_reads_the_device_every_k_steps_not_every_step(model, prompts, cache_layout):
+    """One read of "who has finished" per `sync_every` steps and one of the tokens at the end; the tokens equal
+    those of checking every step."""
+    naive, expert = prompts
+    steps = 24
+    kwargs = dict(lambda_mix=0.5, max_new_tokens=steps, cache_layout=cache_layout)
+    probe = mixed_generate(model, naive[:1], expert[:1], eos_token_id=[], generator=torch.Generator().manual_seed(2),
+                           **kwargs)[0]
+    eos = probe[5]  # sequence 0 ends mid-way, so the batch does shrink at a check
+    outputs = {}
+
+    def run(k):
+        outputs[k] = mixed_generate(model, naive, expert, eos_token_id=eos, sync_every=k,
+                                    generator=torch.Generator().manual_seed(2), **kwargs)
+
+    reads_k8 = _count_host_reads_by_trl_sdx(lambda: run(8))
+    reads_every = _count_host_reads_by_trl_sdx(lambda: run(1))
+    assert outputs[8] == outputs[1]
+    assert outputs[8][0] == probe[:probe.index(eos) + 1] and len({len(s) for s in outputs[8]}) > 1
+    assert reads_every >= steps - 1  # the counter sees the per-step check: it can fail
+    assert reads_k8 <= steps // 8 + 1, f"{reads_k8} host reads in {steps} steps with sync_every=8"

@@ -5,11 +5,12 @@ Both conditionals are the *same* frozen model, prompted two ways, and both see t
     naive  π(· | x⁻, y_<t)   x⁻ = the question alone
     expert π(· | x⁺, y_<t)   x⁺ = the question with the gold answer in context
 
-Per step a coin u_t ~ U(0, 1) picks the source: u_t < λ → naive, else expert. The decoder keeps one KV cache
-holding both conditionals' rows (rows [0, B) naive, [B, 2B) expert, each left-padded), so every step is a single
-forward of 2B one-token rows, the chosen token is appended to both rows of a sequence, and finished sequences are
-dropped from the cache. The prefill computes the prompts' shared beginning (system turn, user header, question)
-once: the naive rows start as masked copies of the expert rows' cache (see `_prefill_shared_prefix`).
+Per step a coin u_t ~ U(0, 1) picks the source: u_t < λ → naive, else expert. Each sequence has a naive and an
+expert row in a KV cache (`decode_cache`: one cache of 2B rows, or one per side at its own width, chosen per batch),
+the chosen token is appended to both rows, and finished sequences are dropped from the cache. The prefill computes
+the prompts' shared beginning (system turn, user header, question) once: the naive rows start from the expert rows'
+cached columns. Tokens stay on the device; the host checks for finished sequences every `sync_every` steps and reads
+the tokens once at the end.
 
 Randomness is drawn per sequence *before* decoding: sequence i takes `max_new_tokens` coins (and, at T > 0,
 `max_new_tokens` sampling uniforms) from its generator, in batch order, whatever its length. A batch therefore
@@ -25,10 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from ..validation import check_range, check_top_k
+from .decode_cache import (  # noqa: F401  (re-exported: continuous.py and the benchmarks use them)
+    CACHE_LAYOUTS,
+    _left_pad,
+    _plain_kv_cache,
+    _prefill,
+    _prefill_shared_prefix,
+    choose_cache_layout,
+    prefill_caches,
+)
+
+DEFAULT_SYNC_EVERY = 16
+"""Steps between the host's reads of "which sequences have finished" (see `mixed_generate`'s `sync_every`)."""
 
 
 def select_mixed_tokens(
@@ -138,71 +149,6 @@ def _forward_parameters(model) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _plain_kv_cache(cache) -> bool:
-    """Full-attention KV layers only: masked-out cache columns are then exactly as if absent (not so for sliding
-    windows or recurrent states), which the shared-prefix prefill relies on."""
-    return len(cache.layers) > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _prefill(forward, rows: list[list[int]], pad_id: int, device):
-    """Left-padded prefill of every row; returns (attention mask, next position per row, last logits)."""
-    input_ids, attention_mask = _left_pad(rows, pad_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    return attention_mask, attention_mask.sum(-1, keepdim=True), logits[:, -1, :]
-
-
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _prefill_shared_prefix(forward, cache, naive, expert, pad_id: int, device):
-    """Prefill rows [naive..., expert...] computing the prompts' shared beginning once.
-
-    x⁻ and x⁺ share their first tokens (system turn, user header, question): key/values there depend only on those
-    tokens and their positions, so the naive rows start as copies of the expert rows' cache with every column past
-    the shared prefix masked out, and only the naive remainder (the end-of-turn and assistant header) is computed.
-    The expert rows get masked filler tokens in that second forward, so one cache keeps all 2B rows aligned.
-    """
-    batch = len(naive)
-    mask_e, next_e, expert_logits = _prefill(forward, [list(p) for p in expert], pad_id, device)
-    # Recompute at least the last naive token: its logits are the naive conditional's first prediction.
-    common = [min(_common_prefix_length(n, e), len(n) - 1) for n, e in zip(naive, expert)]
-    index = torch.arange(batch, device=device)
-    cache.batch_select_indices(torch.cat([index, index]))  # rows [0, B) become the naive copies
-    width = mask_e.shape[1]
-    mask_n = mask_e.clone()
-    for i, c in enumerate(common):
-        pad = width - len(expert[i])
-        mask_n[i, pad + c:] = 0  # hide the expert-only columns from the naive row
-    suffix_ids, suffix_mask = _left_pad([list(n[c:]) for n, c in zip(naive, common)], pad_id, device)
-    suffix_positions = torch.tensor(common, device=device).unsqueeze(-1) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    filler = torch.full_like(suffix_ids, pad_id)
-    attention_mask = torch.cat([
-        torch.cat([mask_n, suffix_mask], dim=-1),
-        torch.cat([mask_e, torch.zeros_like(suffix_mask)], dim=-1),
-    ])
-    logits = forward(input_ids=torch.cat([suffix_ids, filler]), attention_mask=attention_mask,
-                     position_ids=torch.cat([suffix_positions, torch.zeros_like(suffix_positions)])).logits
-    naive_next = torch.tensor([len(n) for n in naive], device=device).unsqueeze(-1)
-    return attention_mask, torch.cat([naive_next, next_e]), torch.cat([logits[:batch, -1, :], expert_logits])
-
-
 @torch.no_grad()
 def mixed_generate(
     model,
@@ -216,6 +162,8 @@ def mixed_generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_sources: bool = False,
+    cache_layout: str = "auto",
+    sync_every: int = DEFAULT_SYNC_EVERY,
 ) -> list[list[int]] | MixedGenerationOutput:
     """Decode one mixed sequence per (naive prompt, expert prompt) pair with the frozen `model`.
 
@@ -231,6 +179,14 @@ def mixed_generate(
         eos_token_id: id(s) that end a sequence; defaults to the model's generation config.
         generator: one `torch.Generator` for the batch, one per sequence, or None (global RNG).
         return_sources: also return, per token, whether it came from the naive conditional.
+        cache_layout: `"shared"` (one cache and one forward of 2B rows per step, padded to the expert width),
+            `"split"` (a cache per side, each at its own width, two forwards per step) or `"auto"` (default: split
+            when the naive rows' wasted KV bytes reach the weights' bytes; `decode_cache.choose_cache_layout`).
+            Same tokens either way.
+        sync_every: k, the steps between the host's checks for finished sequences (default 16). Tokens stay on the
+            device and are read once at the end; a finished sequence keeps its rows (decoding ignored tokens) until
+            the next check, so k trades at most k − 1 wasted steps per sequence for k − 1 fewer device-to-host
+            reads. Same tokens for any k.
 
     Returns:
         A list of generated id lists (prompt excluded, EOS included when produced), or a `MixedGenerationOutput`
@@ -248,13 +204,14 @@ def mixed_generate(
     check_top_k("top_k", top_k, model.config.get_text_config().vocab_size)
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens}.")
+    if int(sync_every) != sync_every or sync_every < 1:
+        raise ValueError(f"`sync_every` must be a positive integer (1: check every step), got {sync_every}.")
+    layout = choose_cache_layout(model, naive_input_ids, expert_input_ids, cache_layout)
 
     batch_size = len(naive_input_ids)
     coins, uniforms = draw_step_randomness(batch_size, max_new_tokens, temperature, generator)
-    sequences: list[list[int]] = [[] for _ in range(batch_size)]
-    sources: list[list[bool]] = [[] for _ in range(batch_size)]
     if batch_size == 0:
-        return MixedGenerationOutput(sequences, sources) if return_sources else sequences
+        return MixedGenerationOutput([], []) if return_sources else []
 
     # λ = 0 never reads the naive side, λ = 1 never reads the expert side: skip computing them (same result).
     sides = [s for s, needed in (("naive", lambda_mix > 0), ("expert", lambda_mix < 1)) if needed]
@@ -263,58 +220,57 @@ def mixed_generate(
     parameters = _forward_parameters(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     # transformers >= 5.2x names the KV-cache argument `cache` (`past_key_values` is deprecated); it is filled in place.
-    cache = DynamicCache(config=model.config)
-    cache_kwarg = {"cache" if "cache" in parameters else "past_key_values": cache}
-    forward = functools.partial(model, use_cache=True, **cache_kwarg, **extra)
-    pad_id = _pad_id(model)
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
+
+    def make_forward(cache):
+        return functools.partial(model, use_cache=True, **{cache_name: cache}, **extra)
 
     was_training = model.training
     model.eval()
     try:
-        if len(sides) == 2 and _plain_kv_cache(cache):
-            attention_mask, next_position, last_logits = _prefill_shared_prefix(
-                forward, cache, naive_input_ids, expert_input_ids, pad_id, device)
-        else:
-            prompts = {"naive": naive_input_ids, "expert": expert_input_ids}
-            attention_mask, next_position, last_logits = _prefill(
-                forward, [list(p) for side in sides for p in prompts[side]], pad_id, device)
-        # The pre-drawn randomness goes to the device once, not one copy per step.
+        caches = prefill_caches(model, make_forward, sides, layout, naive_input_ids, expert_input_ids,
+                                _pad_id(model), device)
+        holder = {side: rows for rows in caches for side in rows.sides}
+        # Everything per step stays on the device; the host reads `finished` every `sync_every` steps.
         coins = coins.to(device)
         uniforms = uniforms.to(device) if uniforms is not None else None
-        active = torch.arange(batch_size)  # original indices of the sequences still decoding
-        rows = active.to(device)  # the same, as an index of `coins` / `uniforms`
+        stops = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        tokens_out = torch.zeros((batch_size, max_new_tokens), dtype=torch.long, device=device)
+        naive_out = torch.zeros((batch_size, max_new_tokens), dtype=torch.bool, device=device)
+        lengths = torch.full((batch_size,), max_new_tokens, dtype=torch.long, device=device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        rows = torch.arange(batch_size, device=device)  # original indices of the sequences still decoding
         for step in range(max_new_tokens):
-            n = len(active)
-            naive_logits = last_logits[:n] if sides[0] == "naive" else last_logits
-            expert_logits = last_logits[-n:]  # == naive_logits when only one side is computed
             tokens, from_naive = select_mixed_tokens(
-                naive_logits, expert_logits, coins[rows, step],
-                uniforms[rows, step] if uniforms is not None else None,
+                holder[sides[0]].side_logits(sides[0]), holder[sides[-1]].side_logits(sides[-1]),
+                coins[rows, step], uniforms[rows, step] if uniforms is not None else None,
                 lambda_mix=lambda_mix, temperature=temperature, top_k=top_k,
-            )
-            tokens_list, from_naive_list = tokens.tolist(), from_naive.tolist()
-            keep = []
-            for j, index in enumerate(active.tolist()):
-                sequences[index].append(tokens_list[j])
-                sources[index].append(from_naive_list[j])
-                if tokens_list[j] not in eos_ids:
-                    keep.append(j)
-            if not keep or step == max_new_tokens - 1:
+            )  # one side only: its logits are both arguments, the coins still give the recorded sources
+            tokens_out[rows, step] = tokens
+            naive_out[rows, step] = from_naive
+            was_finished = finished[rows]
+            ends = torch.isin(tokens, stops) & ~was_finished
+            lengths[rows] = torch.where(ends, step + 1, lengths[rows])
+            finished[rows] = was_finished | ends
+            if step == max_new_tokens - 1:
                 break
-            if len(keep) < n:  # finished sequences leave the batch (their rows on every side)
-                keep_t = torch.tensor(keep, device=device)
-                row_index = torch.cat([keep_t + k * n for k in range(len(sides))])
-                cache.batch_select_indices(row_index)
-                attention_mask = attention_mask[row_index]
-                next_position = next_position[row_index]
-                tokens = tokens[keep_t]
-                active = active[torch.tensor(keep)]
-                rows = rows[keep_t]
-            step_ids = tokens.repeat(len(sides)).unsqueeze(-1)  # the chosen token feeds every side
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(step_ids), 1))], dim=-1)
-            last_logits = forward(input_ids=step_ids, attention_mask=attention_mask,
-                                  position_ids=next_position).logits[:, -1, :]
-            next_position = next_position + 1
+            if eos_ids and (step + 1) % sync_every == 0:  # the host's one read per k steps
+                keep = [j for j, done in enumerate(finished[rows].tolist()) if not done]
+                if not keep:
+                    break
+                if len(keep) < len(rows):  # finished sequences leave the batch (their rows on every side)
+                    keep_t = torch.tensor(keep, device=device)
+                    for cache_rows in caches:
+                        cache_rows.keep(keep_t, len(rows))
+                    rows, tokens = rows[keep_t], tokens[keep_t]
+            for cache_rows in caches:
+                cache_rows.advance(tokens)
+        # One read of everything generated.
+        packed = torch.cat([lengths.unsqueeze(-1), tokens_out, naive_out.long()], dim=-1).tolist()
     finally:
         model.train(was_training)
-    return MixedGenerationOutput(sequences, sources) if return_sources else sequences
+    sequences = [row[1:1 + row[0]] for row in packed]
+    if not return_sources:
+        return sequences
+    sources = [[bool(b) for b in row[1 + max_new_tokens:1 + max_new_tokens + row[0]]] for row in packed]
+    return MixedGenerationOutput(sequences, sources)
