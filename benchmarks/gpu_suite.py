@@ -10,7 +10,8 @@ as `skipped_for_time`, never dropped silently):
                   HF generation; default (compiled loss on CUDA) and eager loss; fp32 master weights under bf16 autocast
   sdzero_trainer  SDZeroTrainer (0.6B self-teacher; native and Liger-based loss) vs DistillationTrainer with a frozen
                   copy as teacher
-  mixsd           MixSD target decoding tokens/s vs model.generate, then MixSDTrainer vs SFTTrainer SFT steps
+  mixsd           MixSD target decoding tokens/s vs model.generate on the expert prompts, then MixSDTrainer vs
+                  SFTTrainer SFT steps, then decoding with long expert contexts in both KV-cache layouts
   liger           the use_liger_kernel=True runs of all of the above, with their TRL peers
   fsdp2           EOPD, SD-Zero and DistillationTrainer under single-process FSDP2 (world size 1): the DTensor lm_head
                   path runs
@@ -56,8 +57,8 @@ CONFIGS = {
         "trainers": dict(batch=16, completion_len=64, prompt_words=64, warmup_steps=1, measured_steps=2,
                          gradient_checkpointing=True, mixsd_generation_batch=16, generation_repeats=3),
         # seconds; deadlines are cumulative from the start, so a section that finishes early leaves its time to the
-        # next ones. 350 s + the last worker's grace + the wheel install stay inside 7 minutes.
-        "budgets": {"loss_kernels": 115, "eopd_trainer": 70, "sdzero_trainer": 35, "mixsd": 35, "liger": 50,
+        # next ones. 365 s + the last worker's grace + the wheel install stay inside 7 minutes.
+        "budgets": {"loss_kernels": 115, "eopd_trainer": 70, "sdzero_trainer": 35, "mixsd": 50, "liger": 50,
                     "fsdp2": 45},
         "task_min_s": {"loss_kernels": 8, "default": 12},  # do not start a task with less time than this left
         "grace_s": 25,  # a worker still busy this long after its deadline is killed
@@ -78,7 +79,8 @@ CONFIGS = {
     },
 }
 # Same-run ratio targets of issue 9 (full sizes only).
-TARGETS = {"fused_eopd_ms_at_max_n": 180.0, "fused_eopd_gib_at_max_n": 3.0, "step_ratio": 1.10, "peak_ratio": 1.0}
+TARGETS = {"fused_eopd_ms_at_max_n": 180.0, "fused_eopd_gib_at_max_n": 3.0, "step_ratio": 1.10, "peak_ratio": 1.0,
+           "mixsd_decoding_ratio": 0.75}  # issue 14: mixed decoding tokens/s >= 0.75x model.generate's
 
 
 def plan() -> list[dict]:
@@ -111,6 +113,8 @@ def plan() -> list[dict]:
             t("target_generation", "mixsd_generation"),
             t("mixsd", "mixsd", compare_to="sft"),  # MixSD is SFT on its targets: the peer is SFTTrainer on them
             t("sft", "sft"),
+            # expert prompts >= 4x / 16x the naive ones: either side of the `auto` layout rule's threshold here
+            t("target_generation_long_context", "mixsd_generation", expert_ratios=[4, 16]),
         ]},
         {"name": "liger", **trainers, "tasks": [
             t("distillation_liger", "distillation", liger=True),
@@ -404,6 +408,15 @@ def add_ratios(report: dict) -> None:
         if rows:
             targets[f"{method}: no crash, no recompilation after warm-up at any N"] = all(
                 r["status"] == "ok" and not r.get("graphs_compiled_measured") for r in rows)
+    generation = sections.get("mixsd", {}).get("tasks", {})
+    for name, result in generation.items():
+        decoding = [result] if "ratio_mixed_over_generate" in result else []
+        decoding += [{"ratio_mixed_over_generate": r["ratio_over_generate"]["mixed_auto"], "row": row}
+                     for row, r in result.get("rows", {}).items()]
+        for r in decoding:
+            label = f"{name}{' ' + r['row'] if 'row' in r else ''}"
+            targets[f"{label}: mixed decoding >= {TARGETS['mixsd_decoding_ratio']}x model.generate"] = (
+                r["ratio_mixed_over_generate"] >= TARGETS["mixsd_decoding_ratio"])
     for section in sections.values():
         for name, result in section["tasks"].items():
             if "step_ratio" in result:
@@ -486,7 +499,7 @@ def to_markdown(report: dict) -> str:
         if section_name == "loss_kernels":
             continue
         for name, r in section["tasks"].items():
-            if "tokens_per_s" in r:
+            if "tokens_per_s" in r or "rows" in r:  # decoding throughput: its own lines below
                 continue
             lines.append(f"| {section_name} | {name} | {_fmt(r.get('step_s'), '.3f')} | "
                          f"{_fmt(r.get('rollout_s'), '.3f')} | {_fmt(r.get('peak_gib'), '.2f')} | "
@@ -497,7 +510,14 @@ def to_markdown(report: dict) -> str:
         tps = generation["tokens_per_s"]
         lines += ["", f"MixSD target decoding: {tps['mixed_generate']:.0f} tokens/s vs `model.generate` "
                   f"{tps['model_generate']:.0f} tokens/s (batch {generation['batch']}, {generation['new_tokens']} new "
-                  f"tokens): ratio {generation['ratio_mixed_over_generate']:.2f}."]
+                  f"tokens, expert prompts, `{generation['layout']}` layout): ratio "
+                  f"{generation['ratio_mixed_over_generate']:.2f}."]
+    long_context = report["sections"].get("mixsd", {}).get("tasks", {}).get("target_generation_long_context", {})
+    for name, r in long_context.get("rows", {}).items():
+        ratio = r["ratio_over_generate"]
+        lines.append(f"- {name} (naive / expert width {r['naive_tokens_max']} / {r['expert_tokens_max']}): mixed / "
+                     f"generate {ratio['mixed_shared']:.2f}x `shared`, {ratio['mixed_split']:.2f}x `split`; "
+                     f"`auto` picks `{r['auto_layout']}`.")
     lines += ["", "## Sections", "", "| section | status | budget s | seconds in tasks |", "|---|---|---|---|"]
     lines += [f"| {name} | {s['status']} | {s['budget_s']:.0f} | {s['tasks_s']:.0f} |"
               for name, s in report["sections"].items()]

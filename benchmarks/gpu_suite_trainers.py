@@ -223,11 +223,14 @@ def run_trainer_task(task: dict, ctx: dict) -> dict:
 
 
 def run_generation_task(task: dict, ctx: dict) -> dict:
-    """MixSD target decoding (both conditionals, one KV cache) vs `model.generate` (greedy, naive prompts only):
-    tokens/s at the same batch, EOS disabled so both decode exactly `new_tokens` per sequence."""
-    from transformers import GenerationConfig
+    """MixSD target decoding (both conditionals) vs `model.generate` (greedy, the expert prompts): tokens/s at the same
+    batch, EOS disabled so both decode exactly `new_tokens` per sequence (`mixsd_throughput.measure_decoding`).
+    Default: the fact prompts, in the layout the `auto` rule picks. `expert_ratios`: long expert contexts (a reference
+    solution at least that many times the naive prompt), each in both KV-cache layouts, `shared` and `split`."""
+    from mixsd_throughput import LAYOUTS, measure_decoding, stretch_expert_prompts
 
-    from trl_sdx.mixsd import build_prompt_ids, mixed_generate
+    from trl_sdx.mixsd import build_prompt_ids
+    from trl_sdx.mixsd.decode_cache import choose_cache_layout
     from trl_sdx.mixsd.prompts import resolve_template
 
     meter, cfg, tiny = ctx["meter"], ctx["config"]["trainers"], ctx["tiny"]
@@ -235,40 +238,30 @@ def run_generation_task(task: dict, ctx: dict) -> dict:
     cuda = meter.device.type == "cuda"
     model = make_model("0.6B", tiny, tokenizer, meter.device, torch.bfloat16 if cuda else torch.float32).eval()
     rows = knowledge_rows(cfg["mixsd_generation_batch"], cfg["prompt_words"], ctx["config"]["vocab"])
-    naive, expert = build_prompt_ids(tokenizer, rows["question"], rows["answer"], *resolve_template("fact"))
-    padded = tokenizer.pad({"input_ids": naive}, return_tensors="pt").to(meter.device)
-    n = cfg["completion_len"]
-    plain_config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                                    pad_token_id=tokenizer.pad_token_id)
-
-    def plain():
-        with torch.no_grad():
-            out = model.generate(**padded, generation_config=plain_config)
-        return out.shape[0] * (out.shape[1] - padded["input_ids"].shape[1])
-
-    def mixed():
-        out = mixed_generate(model, naive, expert, lambda_mix=0.3, max_new_tokens=n, eos_token_id=[],
-                             generator=torch.Generator().manual_seed(0))
-        return sum(len(s) for s in out)
-
-    methods = {"model_generate": plain, "mixed_generate": mixed}
-    for fn in methods.values():  # warm-up
-        fn()
-    times = {name: [] for name in methods}
-    tokens = {}
-    for _ in range(cfg["generation_repeats"]):  # interleaved: load from anything else hits both alike
-        for name, fn in methods.items():
-            start = meter.now()
-            tokens[name] = fn()
-            times[name].append(meter.now() - start)
-    if len(set(tokens.values())) != 1:
-        raise RuntimeError(f"unequal work: the two decoders produced {tokens} tokens")
-    tps = {name: tokens[name] / statistics.median(t) for name, t in times.items()}
+    measure = dict(new_tokens=cfg["completion_len"], repeats=cfg["generation_repeats"],
+                   pad_token_id=tokenizer.pad_token_id, now=meter.now)
+    if not task.get("expert_ratios"):
+        naive, expert = build_prompt_ids(tokenizer, rows["question"], rows["answer"], *resolve_template("fact"))
+        auto = choose_cache_layout(model, naive, expert)
+        r = measure_decoding(model, naive, expert, layouts=(auto,), **measure)
+        tps = {"model_generate": r["tokens_per_s"]["model_generate"],
+               "mixed_generate": r["tokens_per_s"][f"mixed_{auto}"]}
+        result = {"status": "ok", "tokens": r["batch"] * r["new_tokens"], "batch": r["batch"],
+                  "new_tokens": r["new_tokens"], "layout": auto, "tokens_per_s": tps,
+                  "seconds": {"model_generate": r["seconds"]["model_generate"],
+                              "mixed_generate": r["seconds"][f"mixed_{auto}"]},
+                  "ratio_mixed_over_generate": tps["mixed_generate"] / tps["model_generate"]}
+    else:  # to fit the section's time box: half the tokens, one repeat fewer (ratios are what is compared)
+        measure.update(new_tokens=max(1, cfg["completion_len"] // 2), repeats=max(1, cfg["generation_repeats"] - 1))
+        result = {"status": "ok", "rows": {}}
+        for ratio in task["expert_ratios"]:
+            naive, expert = stretch_expert_prompts(tokenizer, rows["question"], rows["answer"], ratio,
+                                                   *resolve_template("reasoning"))
+            result["rows"][f"expert >= {ratio:g}x naive"] = measure_decoding(model, naive, expert, layouts=LAYOUTS,
+                                                                             **measure)
     del model
     meter.release()
-    return {"status": "ok", "tokens": tokens["model_generate"], "batch": len(naive), "new_tokens": n,
-            "tokens_per_s": tps, "seconds": {k: statistics.median(v) for k, v in times.items()},
-            "ratio_mixed_over_generate": tps["mixed_generate"] / tps["model_generate"]}
+    return result
 
 
 def run_task(task: dict, ctx: dict) -> dict:

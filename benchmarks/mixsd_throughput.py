@@ -1,22 +1,27 @@
-"""Throughput of MixSD mixed decoding vs plain greedy `model.generate`, same model, same batch.
+"""Throughput of MixSD mixed decoding vs greedy `model.generate` on the expert prompts, same model, same batch.
 
-Mixed decoding runs both conditionals (naive x⁻ and expert x⁺, the expert prompt being longer since it holds the
-gold answer) in one KV-cached forward of 2B rows per step; plain generation runs the B naive prompts. Both decode
-exactly `--new-tokens` tokens per sequence (EOS disabled), so tokens/s is B * new_tokens / wall time, and the ratio
-mixed / plain is the cost of building MixSD targets relative to ordinary sampling. Target: ratio >= 0.5.
+Mixed decoding runs both conditionals of each sequence: the naive row (question x⁻) and the expert row (x⁺, the
+question with the gold answer or a reference solution in context). The peer is what MixSD replaces, plain greedy
+decoding of the B expert prompts (the "OPSD-NLL" targets, λ = 0). Every method decodes exactly `--new-tokens` tokens
+per sequence (EOS disabled), so tokens/s is B · new_tokens / wall time and the ratio mixed / generate is the price of
+mixing. Both KV-cache layouts of `trl_sdx.mixsd.decode_cache` are timed (`shared`: one forward of 2B rows at the
+expert width; `split`: a cache per side at its own width, two forwards per step); `auto` is the one its rule picks.
 
-Each method is timed `--repeats` times after one warm-up, interleaved (plain, mixed, plain, mixed, ...) so load
-from other processes hits both alike; the median time is reported.
+Rows: the fact-QA prompts as they are, then long expert contexts (`--long-ratios`: each gold answer repeated, as a
+long reference solution, until the expert prompt is at least that many times the naive one), where the naive rows'
+wasted width matters.
+
+Each row's contenders run once to warm up, then `--repeats` times interleaved (generate, shared, split, generate,
+...) so load from other processes hits them alike; medians are reported. Only ratios are meant to be compared.
 
 Example (the command of the committed results):
-  python benchmarks/mixsd_throughput.py --model smollm2-135m-instruct --batch-size 8 --new-tokens 64 \
+  python benchmarks/mixsd_throughput.py --model smollm2-135m-instruct --batch-size 8 --new-tokens 64 --repeats 5 \
       --out benchmarks/results/mixsd_throughput_cpu.json --markdown benchmarks/results/mixsd_throughput_cpu.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,14 +29,101 @@ import sys
 import time
 
 import torch
+from _report import write_report  # benchmarks/ is on sys.path when a script runs
+
+LAYOUTS = ("shared", "split")
 
 
-def _prompts(tokenizer, batch_size: int):
-    from trl_sdx.data import make_knowledge_dataset
-    from trl_sdx.mixsd.prompts import FACT_PREFIX, FACT_TRANSITION, build_prompt_ids
+def stretch_expert_prompts(tokenizer, questions, answers, ratio: float, prefix: str, transition: str):
+    """(naive, expert) ids where each expert prompt holds its gold answer repeated k times, the least k that makes it
+    at least `ratio` times as long as its naive prompt: a long reference solution in context."""
+    from trl_sdx.mixsd.prompts import build_prompt_ids
 
-    train = make_knowledge_dataset(max(1, (batch_size + 1) // 2), seed=0)["train"].select(range(batch_size))
-    return build_prompt_ids(tokenizer, train["question"], train["answer"], FACT_PREFIX, FACT_TRANSITION)
+    naive, expert = [], []
+    for question, answer in zip(questions, answers, strict=True):
+        for repeats in range(1, 10_000):
+            n, e = build_prompt_ids(tokenizer, [question], [" ".join([answer] * repeats)], prefix, transition)
+            if len(e[0]) >= ratio * len(n[0]):
+                break
+        naive += n
+        expert += e
+    return naive, expert
+
+
+def measure_decoding(model, naive, expert, *, new_tokens: int, repeats: int, pad_token_id: int, now=time.perf_counter,
+                     lambda_mix: float = 0.3, layouts: tuple[str, ...] = LAYOUTS) -> dict:
+    """Tokens/s of `model.generate` on the expert prompts and of `mixed_generate` in each of `layouts`, and the
+    ratios mixed / generate (`mixed_auto`: the layout the `auto` rule picks, when measured). The layouts must decode
+    the same tokens (checked)."""
+    from transformers import GenerationConfig
+
+    from trl_sdx.mixsd import mixed_generate
+    from trl_sdx.mixsd.decode_cache import _left_pad, choose_cache_layout
+
+    device = model.get_input_embeddings().weight.device
+    input_ids, attention_mask = _left_pad([list(p) for p in expert], pad_token_id, device)
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              eos_token_id=None, pad_token_id=pad_token_id)
+    outputs = {}
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return out.shape[0] * (out.shape[1] - input_ids.shape[1])
+
+    def mixed(layout):
+        def run():
+            outputs[layout] = mixed_generate(model, naive, expert, lambda_mix=lambda_mix, max_new_tokens=new_tokens,
+                                             eos_token_id=[], generator=torch.Generator().manual_seed(0),
+                                             cache_layout=layout)
+            return sum(len(s) for s in outputs[layout])
+        return run
+
+    contenders = {"model_generate": generate, **{f"mixed_{layout}": mixed(layout) for layout in layouts}}
+    for run in contenders.values():  # warm-up
+        run()
+    times, tokens = {name: [] for name in contenders}, {}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            start = now()
+            tokens[name] = run()
+            times[name].append(now() - start)
+    if len(set(tokens.values())) != 1 or any(out != outputs[layouts[0]] for out in outputs.values()):
+        raise RuntimeError(f"unequal work or different tokens across layouts: {tokens}")
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    tps = {name: tokens[name] / s for name, s in seconds.items()}
+    auto = choose_cache_layout(model, naive, expert)
+    ratios = {name: tps[name] / tps["model_generate"] for name in contenders if name != "model_generate"}
+    return {
+        "batch": len(naive), "new_tokens": new_tokens,
+        "naive_tokens_max": max(map(len, naive)), "expert_tokens_max": max(map(len, expert)),
+        "auto_layout": auto, "seconds": seconds, "seconds_all": times, "tokens_per_s": tps,
+        "ratio_over_generate": {**ratios, **({"mixed_auto": ratios[f"mixed_{auto}"]} if auto in layouts else {})},
+    }
+
+
+def _markdown(r: dict) -> str:
+    a = r["args"]
+    lines = [
+        "# MixSD mixed decoding throughput vs `model.generate` on the expert prompts (CPU)",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Model `{a['model']}` ({r['num_parameters'] / 1e6:.0f}M parameters, fp32, {r['threads']} threads), batch "
+        f"{a['batch_size']}, {a['new_tokens']} new tokens per sequence (EOS disabled), λ = {a['lambda_mix']}. "
+        f"Peer: greedy `model.generate` of the expert prompts, same batch. Median of {a['repeats']} interleaved runs "
+        "after a warm-up; the two layouts decode identical tokens (checked). Ratios are mixed tokens/s over "
+        "`model.generate` tokens/s.",
+        "",
+        "| expert context | naive / expert width (tokens) | `shared` | `split` | `auto` picks | `auto` |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for name, row in r["rows"].items():
+        ratio = row["ratio_over_generate"]
+        lines.append(f"| {name} | {row['naive_tokens_max']} / {row['expert_tokens_max']} | "
+                     f"{ratio['mixed_shared']:.2f}x | {ratio['mixed_split']:.2f}x | {row['auto_layout']} | "
+                     f"**{ratio['mixed_auto']:.2f}x** |")
+    return "\n".join(lines + [""] + r.get("reading", []) + [""])
 
 
 def main(argv=None) -> dict:
@@ -40,7 +132,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--lambda-mix", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-ratios", type=float, nargs="*", default=[4.0, 8.0],
+                        help="expert / naive prompt-length ratios of the long-context rows")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", default=None)
@@ -48,87 +142,31 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import GenerationConfig
-
-    from trl_sdx.mixsd import mixed_generate
-    from trl_sdx.mixsd.mixed_decoding import _left_pad
+    from trl_sdx.data import make_knowledge_dataset
+    from trl_sdx.mixsd.prompts import FACT_PREFIX, FACT_TRANSITION, build_prompt_ids, resolve_template
     from trl_sdx.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model).eval()
-    naive, expert = _prompts(tokenizer, args.batch_size)
-    input_ids, attention_mask = _left_pad(naive, tokenizer.pad_token_id, "cpu")
-    n = args.new_tokens
-    plain_config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                                    pad_token_id=tokenizer.pad_token_id)
-
-    def plain():
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=plain_config)
-        return out.shape[0] * (out.shape[1] - input_ids.shape[1])
-
-    def mixed():
-        out = mixed_generate(model, naive, expert, lambda_mix=args.lambda_mix, max_new_tokens=n, eos_token_id=[],
-                             generator=torch.Generator().manual_seed(0))
-        return sum(len(s) for s in out)
-
-    timings = {"plain_generate": [], "mixed_generate": []}
-    tokens = {}
-    for fn in (plain, mixed):  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in (("plain_generate", plain), ("mixed_generate", mixed)):
-            start = time.perf_counter()
-            tokens[name] = fn()
-            timings[name].append(time.perf_counter() - start)
-    assert tokens["plain_generate"] == tokens["mixed_generate"] == args.batch_size * n, tokens
+    model = load_model(args.model, dtype=torch.float32).eval()
+    train = make_knowledge_dataset(max(1, (args.batch_size + 1) // 2), seed=0)["train"].select(range(args.batch_size))
+    prompts = {"fact QA prompts": build_prompt_ids(tokenizer, train["question"], train["answer"], FACT_PREFIX,
+                                                   FACT_TRANSITION)}
+    for ratio in args.long_ratios:  # a reference solution in context, as the reasoning template has it
+        prompts[f"reference solution, expert ≥ {ratio:g}x naive"] = stretch_expert_prompts(
+            tokenizer, train["question"], train["answer"], ratio, *resolve_template("reasoning"))
+    rows = {}
+    for name, (naive, expert) in prompts.items():
+        rows[name] = measure_decoding(model, naive, expert, new_tokens=args.new_tokens, repeats=args.repeats,
+                                      pad_token_id=tokenizer.pad_token_id, lambda_mix=args.lambda_mix)
+        print(name, rows[name]["ratio_over_generate"], flush=True)
     result = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        "model": args.model,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "batch_size": args.batch_size,
-        "new_tokens": n,
-        "lambda_mix": args.lambda_mix,
-        "naive_prompt_tokens_mean": statistics.mean(map(len, naive)),
-        "expert_prompt_tokens_mean": statistics.mean(map(len, expert)),
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "seconds": {k: statistics.median(v) for k, v in timings.items()},
-        "seconds_all": timings,
+        "args": vars(args), "num_parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(), "device": "cpu", "platform": platform.platform(),
+        "torch": torch.__version__, "rows": rows,
     }
-    result["tokens_per_second"] = {k: args.batch_size * n / v for k, v in result["seconds"].items()}
-    result["ratio_mixed_over_plain"] = (result["tokens_per_second"]["mixed_generate"]
-                                        / result["tokens_per_second"]["plain_generate"])
-    print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        tps = result["tokens_per_second"]
-        lines = [
-            "# MixSD mixed decoding throughput (CPU)",
-            "",
-            f"Command: `{result['command']}`",
-            "",
-            f"Model `{args.model}` ({result['num_parameters'] / 1e6:.0f}M parameters, fp32), batch {args.batch_size}, "
-            f"{n} new tokens per sequence (EOS disabled), λ = {args.lambda_mix}, {result['threads']} threads; "
-            f"prompts: naive {result['naive_prompt_tokens_mean']:.0f} / expert "
-            f"{result['expert_prompt_tokens_mean']:.0f} tokens on average. Median of {args.repeats} interleaved runs.",
-            "",
-            "| method | seconds | tokens/s |",
-            "|---|---:|---:|",
-            f"| `model.generate` (greedy, naive prompts) | {result['seconds']['plain_generate']:.2f} | "
-            f"{tps['plain_generate']:.1f} |",
-            f"| `mixed_generate` (both conditionals, one KV cache) | {result['seconds']['mixed_generate']:.2f} | "
-            f"{tps['mixed_generate']:.1f} |",
-            "",
-            f"**Ratio mixed / plain: {result['ratio_mixed_over_plain']:.2f}x** (target >= 0.5x).",
-            "",
-        ]
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines))
+    print(_markdown(result))
+    write_report(result, args.out, args.markdown, _markdown)
     return result
 
 
