@@ -143,11 +143,10 @@ def choose_cache_layout(model, naive, expert, cache_layout: str = "auto") -> str
     layers = getattr(text, "num_hidden_layers", None)
     if not (kv_heads and head_dim and layers):
         return "shared"  # no estimate for this architecture: the layout of one forward per step
-    parameters = list(model.parameters())
-    element = parameters[0].element_size()
+    element = model.get_input_embeddings().weight.element_size()  # the compute dtype the KV cache is kept in
     kv_bytes_per_token = 2 * layers * kv_heads * head_dim * element
     waste = len(naive) * (max(map(len, expert)) - max(map(len, naive))) * kv_bytes_per_token
-    weights = sum(p.numel() * p.element_size() for p in parameters)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return "split" if waste >= weights else "shared"
 
 
