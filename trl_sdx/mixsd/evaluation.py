@@ -44,19 +44,31 @@ def greedy_answers(
     """Greedy answers to chat(user=question), rendered with `chat_template_kwargs`, decoded without special tokens.
 
     Uses `mixed_generate` with λ = 1 (naive conditional only), which is plain greedy decoding with a KV cache; it
-    stops on the same EOS / end-of-turn tokens as target generation.
+    stops on the same EOS / end-of-turn tokens as target generation. `greedy_answers_with_cut_off` also says which
+    answers `max_new_tokens` cut off.
     """
+    return greedy_answers_with_cut_off(model, tokenizer, questions, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, chat_template_kwargs=chat_template_kwargs,
+                                       disable_progress=disable_progress, desc=desc)[0]
+
+
+def greedy_answers_with_cut_off(
+    model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+    chat_template_kwargs: dict | None = None, disable_progress: bool = True, desc: str = "MixSD evaluation",
+) -> tuple[list[str], list[bool]]:
+    """`greedy_answers` and, per answer, whether it was cut off (no EOS / end-of-turn within `max_new_tokens`)."""
     prompts = [chat_prompt_ids(tokenizer, q, chat_template_kwargs) for q in questions]
     stop = stop_token_ids(tokenizer, model)
-    texts = []
+    texts, cut_off = [], []
     with tqdm(total=len(prompts), desc=desc, unit="question", disable=disable_progress) as bar:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             outputs = mixed_generate(model, chunk, chunk, lambda_mix=1.0, temperature=0.0,
                                      max_new_tokens=max_new_tokens, eos_token_id=stop)
             texts.extend(tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs)
+            cut_off.extend(not ids or ids[-1] not in stop for ids in outputs)
             bar.update(len(chunk))
-    return texts
+    return texts, cut_off
 
 
 def answer_accuracy(
@@ -66,13 +78,16 @@ def answer_accuracy(
 ) -> dict:
     """Share of questions whose greedy answer passes `answer_checker(answer_text, gold_answer_text)`.
 
-    The default checker is `lenient_answer_checker`.
+    The default checker is `lenient_answer_checker`. `num_cut_off` counts the answers `max_new_tokens` cut off (graded
+    as they are: raise `max_new_tokens` when it is not 0).
     """
     checker = answer_checker or lenient_answer_checker
-    answers = greedy_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             chat_template_kwargs=chat_template_kwargs, disable_progress=disable_progress, desc=desc)
+    answers, cut_off = greedy_answers_with_cut_off(
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        chat_template_kwargs=chat_template_kwargs, disable_progress=disable_progress, desc=desc)
     correct = [bool(checker(a, g)) for a, g in zip(answers, gold_answers, strict=True)]
-    return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "correct": correct, "answers": answers}
+    return {"accuracy": sum(correct) / len(correct) if correct else 0.0, "correct": correct, "answers": answers,
+            "cut_off": cut_off, "num_cut_off": sum(cut_off)}
 
 
 def evaluate_knowledge_injection(
