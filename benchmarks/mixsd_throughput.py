@@ -15,8 +15,8 @@ Each row's contenders run once to warm up, then `--repeats` times interleaved (g
 ...) so load from other processes hits them alike; medians are reported. Only ratios are meant to be compared.
 
 Example (the command of the committed results):
-  python benchmarks/mixsd_throughput.py --model smollm2-135m-instruct --batch-size 8 --new-tokens 64 --repeats 5 \
-      --out benchmarks/results/mixsd_throughput_cpu.json --markdown benchmarks/results/mixsd_throughput_cpu.md
+  python benchmarks/mixsd_throughput.py --model smollm2-135m-instruct --batch-size 8 --new-tokens 64 --repeats 3 \
+      --threads 1 --out benchmarks/results/mixsd_throughput_cpu.json --markdown benchmarks/results/mixsd_throughput_cpu.md
 """
 
 from __future__ import annotations
