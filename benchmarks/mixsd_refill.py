@@ -6,8 +6,8 @@ round, the default); `refill=True` refills a finished sequence's slot at once. T
 of wall times is the gain. Interleaved repeats, median reported.
 
 Example (the command of the committed results):
-  python benchmarks/mixsd_refill.py --out benchmarks/results/mixsd_refill_cpu.json \
-      --markdown benchmarks/results/mixsd_refill_cpu.md
+  python benchmarks/mixsd_refill.py --num-entities 4 --max-new-tokens 24 --batch-size 4 --max-retries 1 --repeats 1 \
+      --threads 1 --out benchmarks/results/mixsd_refill_cpu.json --markdown benchmarks/results/mixsd_refill_cpu.md
 """
 
 from __future__ import annotations
@@ -54,9 +54,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-retries", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    if args.threads:  # 1 on a shared machine: torch's threads then do not wait on each other
+        torch.set_num_threads(args.threads)
 
     from trl_sdx.data import make_knowledge_dataset
     from trl_sdx.mixsd import mixed_generate, rejection_sample, stop_token_ids
