@@ -92,7 +92,8 @@ def format_interval(stat: dict, digits: int = 3) -> str:
 
 
 def plot_curves(path: str, panels: list[dict]) -> None:
-    """One PNG: a row of panels, each {"title", "ylabel", "series": [{"label", "curve", "metric"}], "hline"?}.
+    """One PNG: a row of panels, each {"title", "ylabel", "series": [{"label", "curve", "metric"}], "hline"?}, or a bar
+    panel {"title", "ylabel", "bars": [{"label", "stat"}]} (final values with their 95% intervals).
 
     `curve` is an `aggregate_curves` result; each series is its mean line with the 95% interval shaded.
     """
@@ -109,6 +110,9 @@ def plot_curves(path: str, panels: list[dict]) -> None:
         for c, panel in enumerate(p for p in panels if p.get("row", 0) == row):
             ax = axes[r][c]
             used.add((r, c))
+            if panel.get("bars"):  # one bar per {"label", "stat"} (a `mean_interval`), 95% interval as the error bar
+                _bar_panel(ax, panel)
+                continue
             for series in panel["series"]:
                 steps = [row["step"] for row in series["curve"]]
                 stats = [row[series["metric"]] for row in series["curve"]]
@@ -130,6 +134,17 @@ def plot_curves(path: str, panels: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bar_panel(ax, panel: dict) -> None:
+    bars = panel["bars"]
+    means = [b["stat"]["mean"] for b in bars]
+    errors = [[m - (b["stat"]["lo"] if b["stat"]["lo"] is not None else m) for m, b in zip(means, bars)],
+              [(b["stat"]["hi"] if b["stat"]["hi"] is not None else m) - m for m, b in zip(means, bars)]]
+    ax.bar(range(len(bars)), means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(bars))])
+    ax.set_xticks(range(len(bars)), [b["label"] for b in bars], fontsize=7)
+    ax.set_title(panel["title"], fontsize=9)
+    ax.set_ylabel(panel["ylabel"], fontsize=8)
 
 
 def write_outputs(result: dict, out_prefix: str | None, to_markdown: Callable[[dict], str],
