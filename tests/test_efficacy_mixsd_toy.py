@@ -96,11 +96,13 @@ def test_mixsd_vs_sft_toy_writes_json_markdown_and_plot(tmp_path):
         for record in records:
             assert [row["step"] for row in record["mem_curve"]] == list(range(0, toy["steps"] + 1, toy["mem_every"]))
             assert [row["step"] for row in record["full_curve"]] == [0, toy["steps"]]
-            assert {"retention", "validation_retention", "kl_generic", "injected_cut_off"} <= set(record["full_curve"][-1])
+            last = record["full_curve"][-1]
+            assert {"retention", "validation_retention", "kl_generic", "injected_cut_off"} <= set(last)
             if arm != "SFT on y*":
                 assert record["targets"]["num_examples"] == saved["base_check"]["injected_facts_per_seed"]
         stat = saved["outcomes"][arm]["kl_generic"]
-        assert stat["n"] == len(toy["seeds"]) and math.isfinite(stat["mean"]) and stat["lo"] <= stat["mean"] <= stat["hi"]
+        assert stat["n"] == len(toy["seeds"]) and math.isfinite(stat["mean"])
+        assert stat["lo"] <= stat["mean"] <= stat["hi"]
         assert stat["mean"] > 0  # training moved every arm away from the base
     check = saved["base_check"]
     assert check["eval_max_new_tokens"] >= toy["max_new_tokens"] + 16

@@ -187,7 +187,8 @@ def _config(arm_lambda, output_dir: str, lr: float, seed: int, p: dict, cache_di
     if arm_lambda is None:
         return SFTConfig(**common)
     return MixSDConfig(**common, lambda_mix=arm_lambda, temperature=0.0, max_new_tokens=p["max_new_tokens"],
-                       max_retries=p["max_retries"], answer_match="boxed", keep_failed=p["keep_failed"], generation_batch_size=64,
+                       max_retries=p["max_retries"], answer_match="boxed", keep_failed=p["keep_failed"],
+                       generation_batch_size=64,
                        mixsd_seed=seed, mixsd_cache_dir=cache_dir)
 
 
@@ -349,7 +350,8 @@ def run(p: dict, result: dict, log, save, base_cache: str | None = None, arms=tu
              "probes_enough": probes["check"]["reported_probes"] >= p["min_probes"]}
     result["base_check"] = check
     log(f"[mixsd efficacy] base check: {json.dumps(check)}")
-    evaluators = {seed: Evaluator(tokenizer, base, injected[seed], probes, generic_refs, max_new) for seed in p["seeds"]}
+    evaluators = {seed: Evaluator(tokenizer, base, injected[seed], probes, generic_refs, max_new)
+                  for seed in p["seeds"]}
     step0 = {seed: evaluators[seed].full(base) for seed in p["seeds"]}
     result["base_memorisation"] = mean_interval(step0[s]["memorisation"] for s in p["seeds"])
     runs: dict = {arm: {} for arm in arms}
@@ -402,7 +404,8 @@ def fingerprint(runs: dict, injected: dict, seeds, base, tokenizer, target_nll_s
         records = next(iter(by_lr.values()))  # the targets do not depend on the lr
         stats = []
         for seed, r in zip(seeds, records):
-            kept = [(f.question, t) for f, t, ok in zip(injected[seed], r["target_texts"], r["target_accepted"]) if ok or keep_failed]
+            kept = [(f.question, t) for f, t, ok in zip(injected[seed], r["target_texts"], r["target_accepted"])
+                    if ok or keep_failed]
             if kept:
                 stats.append(target_nll_stats(base, tokenizer, [q for q, _ in kept], [t for _, t in kept]))
         if stats:
@@ -423,12 +426,22 @@ def _fmt(stat: dict | None, digits: int = 3) -> str:
     return "—" if stat is None else format_interval(stat, digits)
 
 
+def _pretrain_note(r: dict) -> str:
+    c = r.get("base_check")
+    if not c:
+        return ""
+    if "--base-cache" in r["command"]:  # pre-trained by an earlier run of the same recipe, read back
+        return f", plus {c['pretrain_seconds']:.0f} s to pre-train the base (done once, read from --base-cache)"
+    return f", of which {c['pretrain_seconds']:.0f} s pre-training the base"
+
+
 def to_markdown(r: dict) -> str:
     status = "complete" if r["complete"] else "PARTIAL — the run stopped before every planned setting finished"
     p = r["sizes"]
     lines = ["# MixSD versus SFT on the gold answer, at matched memorisation", "",
              f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} thread(s); wall time "
-             f"{r['seconds']:.0f} s. Means over seeds {p['seeds']} with 95% t-intervals `mean [lo, hi]` "
+             f"{r['seconds']:.0f} s{_pretrain_note(r)}. Means over seeds {p['seeds']} with 95% t-intervals "
+             "`mean [lo, hi]` "
              "(benchmarks/efficacy/common.py); differences are paired by seed.", "",
              "```", preregistered_rule(), "```", ""]
     c = r.get("base_check")
