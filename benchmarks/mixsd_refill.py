@@ -6,7 +6,7 @@ round, the default); `refill=True` refills a finished sequence's slot at once. T
 of wall times is the gain. Interleaved repeats, median reported.
 
 Example (the command of the committed results):
-  python benchmarks/mixsd_refill.py --num-entities 4 --max-new-tokens 24 --batch-size 4 --max-retries 1 --repeats 1 \
+  python benchmarks/mixsd_refill.py --num-entities 4 --max-new-tokens 24 --batch-size 4 --max-retries 1 --repeats 3 \
       --threads 1 --out benchmarks/results/mixsd_refill_cpu.json --markdown benchmarks/results/mixsd_refill_cpu.md
 """
 
