@@ -552,6 +552,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
     parser.add_argument("--workdir", default=None, help="where models go (default: a temporary folder, removed)")
     parser.add_argument("--reading", default=None, help="a text file: the written reading, added to the markdown")
+    parser.add_argument("--rebuild", default=None, metavar="JSON",
+                        help="no runs: rewrite an earlier result (with --reading) to --out-prefix")
     parser.add_argument("--out-prefix", default=None, help="writes <prefix>.json, <prefix>.md and <prefix>.png")
     args = parser.parse_args(argv)
     p = json.loads(json.dumps(SIZES[args.size]))
@@ -569,8 +571,13 @@ def main(argv=None) -> dict:
                                                                              else sys.argv[1:])),
               "size": args.size, "sizes": p, "deviations": deviations, "threads": torch.get_num_threads(),
               "preregistered_rule": preregistered_rule(), "complete": False, "seconds": 0.0}
+    if args.rebuild:
+        result = json.loads(Path(args.rebuild).read_text())
     if args.reading:
         result["reading"] = Path(args.reading).read_text()
+    if args.rebuild:
+        write_outputs(result, args.out_prefix, to_markdown, panels(result))
+        return result
 
     def save():
         result["seconds"] = round(time.perf_counter() - started, 1)
