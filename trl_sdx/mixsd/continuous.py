@@ -21,15 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .mixed_decoding import (
-    _forward_parameters,
-    _pad_id,
-    _plain_kv_cache,
-    _prefill,
-    _prefill_shared_prefix,
-    draw_step_randomness,
-    select_mixed_tokens,
-)
+from .decode_cache import _plain_kv_cache, _prefill, _prefill_shared_prefix
+from .mixed_decoding import _forward_parameters, _pad_id, draw_step_randomness, select_mixed_tokens
 
 
 @dataclass

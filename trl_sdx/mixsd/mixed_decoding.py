@@ -28,15 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_range, check_top_k
-from .decode_cache import (  # noqa: F401  (re-exported: continuous.py and the benchmarks use them)
-    CACHE_LAYOUTS,
-    _left_pad,
-    _plain_kv_cache,
-    _prefill,
-    _prefill_shared_prefix,
-    choose_cache_layout,
-    prefill_caches,
-)
+from .decode_cache import choose_cache_layout, prefill_caches
 
 DEFAULT_SYNC_EVERY = 16
 """Steps between the host's reads of "which sequences have finished" (see `mixed_generate`'s `sync_every`)."""
