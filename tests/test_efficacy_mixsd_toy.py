@@ -4,23 +4,13 @@ learning-rate rule and the cut-off count of the evaluation answers do what the p
 The benchmark itself (benchmarks/efficacy/mixsd_vs_sft.py --size full) is not a test; this keeps it working.
 """
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-EFFICACY = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy"
-
-
-def _module(name):
-    sys.path.insert(0, str(EFFICACY))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EFFICACY))
+from efficacy_modules import efficacy_module as _module
 
 
 def _record(matched_validation=None, final_memorisation=0.5):

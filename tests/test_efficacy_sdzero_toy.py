@@ -4,21 +4,11 @@ of its task that the result depends on (the untrained revision prefix, one token
 The benchmark itself (benchmarks/efficacy/sdzero_from_rewards.py --size full) is not a test; this keeps it working.
 """
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
-EFFICACY = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy"
-
-
-def _module(name):
-    sys.path.insert(0, str(EFFICACY))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EFFICACY))
+from efficacy_modules import efficacy_module as _module
 
 
 def _tokenizer(task):

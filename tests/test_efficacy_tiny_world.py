@@ -1,18 +1,12 @@
 """The efficacy benchmarks' in-process base models: the tokenizer learns the task's corpus, pre-training learns the
 assistant turns (and only those)."""
 
-import importlib
-import sys
-from pathlib import Path
-
 import torch
+from efficacy_modules import efficacy_module
 
-EFFICACY = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy"
-sys.path.insert(0, str(EFFICACY))
-tiny_world = importlib.import_module("tiny_world")
-sys.path.remove(str(EFFICACY))
+from trl_sdx.testing import make_tiny_model
 
-from trl_sdx.testing import make_tiny_model  # noqa: E402
+tiny_world = efficacy_module("tiny_world")
 
 CHATS = [[{"role": "user", "content": f"code {name}?"}, {"role": "assistant", "content": f"\\boxed{{{answer}}}"}]
          for name, answer in [("alpha", "17"), ("beta", "42"), ("gamma", "5"), ("delta", "88")]]

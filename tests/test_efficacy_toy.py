@@ -4,23 +4,13 @@ The benchmark itself (benchmarks/efficacy/eopd_vs_opd.py --size full) is not a t
 real-model setting runs here on the offline tiny pair instead of SmolLM2.
 """
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-EFFICACY = Path(__file__).resolve().parents[1] / "benchmarks" / "efficacy"
-
-
-def _module(name):
-    sys.path.insert(0, str(EFFICACY))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EFFICACY))
+from efficacy_modules import efficacy_module as _module
 
 
 def test_mean_interval_is_the_t_interval_over_seeds():

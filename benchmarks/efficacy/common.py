@@ -84,6 +84,32 @@ def paired_difference(curves_a: list[list[dict]], curves_b: list[list[dict]], me
     return mean_interval(a[index][metric] - b[index][metric] for a, b in zip(curves_a, curves_b))
 
 
+def best_setting(values_by_setting: dict[str, list[float]], higher_is_better: bool) -> str | None:
+    """The setting (e.g. a learning rate, as its string) with the best seed-mean value, the benchmarks' lr rule.
+
+    Settings are visited in increasing numeric order and a later one must beat the best by more than 1e-6, so ties go
+    to the smaller setting; a setting with no values or a non-finite one is never chosen. None when nothing qualifies.
+    """
+    best = None
+    for setting, values in sorted(values_by_setting.items(), key=lambda kv: float(kv[0])):
+        if not values or not all(math.isfinite(v) for v in values):
+            continue
+        mean = sum(values) / len(values)
+        if best is None or (mean > best[1] + 1e-6 if higher_is_better else mean < best[1] - 1e-6):
+            best = (setting, mean)
+    return None if best is None else best[0]
+
+
+def verdict(diff: dict, names: tuple[str, str], higher_is_better: bool = True) -> str:
+    """A paired difference a − b in the pre-registered words: "<a> better" / "<b> better" only when its 95% interval
+    excludes 0 that way, else the null "no difference detected at this size"."""
+    if diff["lo"] is None or not math.isfinite(diff["mean"]):
+        return "no interval (fewer than 2 finite seeds)"
+    better = diff["lo"] > 0 if higher_is_better else diff["hi"] < 0
+    worse = diff["hi"] < 0 if higher_is_better else diff["lo"] > 0
+    return f"{names[0]} better" if better else (f"{names[1]} better" if worse else "no difference detected at this size")
+
+
 def format_interval(stat: dict, digits: int = 3) -> str:
     """"m [lo, hi]" for the markdown tables; "m" alone for a single seed."""
     if stat["lo"] is None:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -59,7 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, format_interval, mean_interval, paired_difference, run_seeds, write_outputs)
+    aggregate_curves, best_setting, format_interval, mean_interval, paired_difference, run_seeds, write_outputs)
+from common import verdict as common_verdict  # noqa: E402
 import synthetic_modes  # noqa: E402
 
 TAU_EOPD = 0.8
@@ -139,15 +139,8 @@ def _sweep(lrs, seeds, run_one, log, label, on_done):
 
 def choose_lr(runs_of_method: dict, metric: str) -> str | None:
     """Rule R1: the lr with the lowest seed-mean `metric` at the last step; ties → smaller lr; non-finite excluded."""
-    best = None
-    for lr, curves in sorted(runs_of_method.items(), key=lambda kv: float(kv[0])):
-        values = [curve[-1][metric] for curve in curves]
-        if not all(math.isfinite(v) for v in values):
-            continue
-        mean = sum(values) / len(values)
-        if best is None or mean < best[1] - 1e-6:
-            best = (lr, mean)
-    return None if best is None else best[0]
+    return best_setting({lr: [curve[-1][metric] for curve in curves] for lr, curves in runs_of_method.items()},
+                        higher_is_better=False)
 
 
 def summarise(runs: dict, metrics, selection_metric: str, outcomes: list[str]) -> dict:
@@ -180,11 +173,7 @@ def _progress(section: dict, runs: dict, metrics, selection_metric: str, outcome
 
 def verdict(diff: dict, higher_is_better: bool) -> str:
     """Rule R4 in words."""
-    if diff["lo"] is None or not math.isfinite(diff["mean"]):
-        return "no interval (fewer than 2 finite seeds)"
-    better = diff["lo"] > 0 if higher_is_better else diff["hi"] < 0
-    worse = diff["hi"] < 0 if higher_is_better else diff["lo"] > 0
-    return "EOPD better" if better else ("OPD better" if worse else "no difference detected at this size")
+    return common_verdict(diff, ("EOPD", "OPD"), higher_is_better)
 
 
 # --- the synthetic setting -------------------------------------------------------------------------------------

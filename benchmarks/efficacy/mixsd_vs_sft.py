@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import shutil
@@ -65,7 +64,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
-from common import format_interval, mean_interval, aggregate_curves, write_outputs  # noqa: E402
+from common import aggregate_curves, best_setting, format_interval, mean_interval, write_outputs  # noqa: E402
+from common import verdict as common_verdict  # noqa: E402
 import mixsd_world  # noqa: E402
 import tiny_world  # noqa: E402
 
@@ -255,23 +255,13 @@ def outcome_of(record: dict) -> dict | None:
 def choose_lr(runs_of_arm: dict) -> tuple[str | None, bool]:
     """Rule R1: (lr, reached). Among lrs where every seed reaches the matched checkpoint, the highest seed-mean
     validation retention there (ties within 1e-6 → smaller lr); else the highest seed-mean final memorisation."""
-    best = None
-    for lr, records in sorted(runs_of_arm.items(), key=lambda kv: float(kv[0])):
-        if not records or any(outcome_of(r) is None for r in records):
-            continue
-        value = sum(outcome_of(r)["validation_retention"] for r in records) / len(records)
-        if best is None or value > best[1] + 1e-6:
-            best = (lr, value)
-    if best is not None:
-        return best[0], True
-    fallback = None
-    for lr, records in sorted(runs_of_arm.items(), key=lambda kv: float(kv[0])):
-        if not records:
-            continue
-        value = sum(r["mem_curve"][-1]["memorisation"] for r in records) / len(records)
-        if fallback is None or value > fallback[1] + 1e-6:
-            fallback = (lr, value)
-    return (fallback[0] if fallback else None), False
+    eligible = {lr: [outcome_of(r)["validation_retention"] for r in records] for lr, records in runs_of_arm.items()
+                if records and all(outcome_of(r) is not None for r in records)}
+    lr = best_setting(eligible, higher_is_better=True)
+    if lr is not None:
+        return lr, True
+    final = {lr: [r["mem_curve"][-1]["memorisation"] for r in records] for lr, records in runs_of_arm.items()}
+    return best_setting(final, higher_is_better=True), False
 
 
 def _reported(record: dict, reached: bool) -> dict:
@@ -280,11 +270,7 @@ def _reported(record: dict, reached: bool) -> dict:
 
 def verdict(diff: dict, higher_is_better: bool) -> str:
     """Rule R3 in words."""
-    if diff["lo"] is None or not math.isfinite(diff["mean"]):
-        return "no interval (fewer than 2 finite seeds)"
-    better = diff["lo"] > 0 if higher_is_better else diff["hi"] < 0
-    worse = diff["hi"] < 0 if higher_is_better else diff["lo"] > 0
-    return "MixSD better" if better else ("SFT better" if worse else "no difference detected at this size")
+    return common_verdict(diff, ("MixSD", "SFT"), higher_is_better)
 
 
 def summarise(runs: dict) -> dict:

@@ -73,7 +73,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
-from common import aggregate_curves, format_interval, mean_interval, write_outputs  # noqa: E402
+from common import aggregate_curves, best_setting, format_interval, mean_interval, write_outputs  # noqa: E402
+from common import verdict as common_verdict  # noqa: E402
 import sdzero_task as task  # noqa: E402
 from tiny_world import pretrain_on_chats, train_chat_tokenizer  # noqa: E402
 
@@ -102,25 +103,12 @@ def preregistered_rule() -> str:
 
 def choose_lr(final_by_lr: dict[str, list[float]]) -> str | None:
     """Rule R1: the lr with the highest seed-mean value; ties (1e-6) → smaller lr; non-finite seeds excluded."""
-    best = None
-    for lr, values in sorted(final_by_lr.items(), key=lambda kv: float(kv[0])):
-        if not values or not all(math.isfinite(v) for v in values):
-            continue
-        mean = sum(values) / len(values)
-        if best is None or mean > best[1] + 1e-6:
-            best = (lr, mean)
-    return None if best is None else best[0]
+    return best_setting(final_by_lr, higher_is_better=True)
 
 
 def verdict(diff: dict, higher_is_better: bool = True, names: tuple[str, str] = ("SD-Zero", "RFT")) -> str:
     """Rule R5 in words, for a paired difference a − b."""
-    if diff["lo"] is None or not math.isfinite(diff["mean"]):
-        return "no interval (fewer than 2 finite seeds)"
-    better = diff["lo"] > 0 if higher_is_better else diff["hi"] < 0
-    worse = diff["hi"] < 0 if higher_is_better else diff["lo"] > 0
-    if better:
-        return f"{names[0]} better"
-    return f"{names[1]} better" if worse else "no difference detected at this size"
+    return common_verdict(diff, names, higher_is_better)
 
 
 # --------------------------------------------------------------------------------------------------------------------
