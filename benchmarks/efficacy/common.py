@@ -117,6 +117,19 @@ def format_interval(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
 
 
+def run_status(result: dict) -> str:
+    """The markdown's status word: a partial run (stopped before every planned setting finished) says so."""
+    if result["complete"]:
+        return "complete"
+    return "PARTIAL — the run stopped before every planned seed/setting finished"
+
+
+def reading_and_plot_lines(result: dict, plot_note: str) -> list[str]:
+    """The markdown's closing lines: the reading (when written) and where the plot is."""
+    lines = ["## Reading", "", result["reading"].strip(), ""] if result.get("reading") else []
+    return lines + [f"Plot: the PNG of the same name next to this file ({plot_note}).", ""]
+
+
 def plot_curves(path: str, panels: list[dict]) -> None:
     """One PNG: a row of panels, each {"title", "ylabel", "series": [{"label", "curve", "metric"}], "hline"?}, or a bar
     panel {"title", "ylabel", "bars": [{"label", "stat"}]} (final values with their 95% intervals).

@@ -58,7 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, best_setting, format_interval, mean_interval, paired_difference, run_seeds, write_outputs)
+    aggregate_curves, best_setting, format_interval, mean_interval, paired_difference, reading_and_plot_lines,
+    run_seeds, run_status, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import synthetic_modes  # noqa: E402
 
@@ -394,7 +395,7 @@ def _synthetic_markdown(s: dict, p: dict, title: str, note: str = "") -> list[st
 
 
 def to_markdown(r: dict) -> str:
-    status = "complete" if r["complete"] else "PARTIAL — the run stopped before every planned seed/setting finished"
+    status = run_status(r)
     lines = ["# EOPD (τ = 0.8) versus OPD (τ = ∞): does the entropy gate help?", "",
              f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} threads; wall time "
              f"{r['seconds']:.0f} s. Means over seeds with 95% t-intervals `mean [lo, hi]` "
@@ -441,10 +442,7 @@ def to_markdown(r: dict) -> str:
                                          ("kl_heldout", "held-out KL"),
                                          ("student_entropy_heldout", "student entropy")])
             lines.append("")
-    if r.get("reading"):
-        lines += ["## Reading", "", r["reading"].strip(), ""]
-    lines += ["Plot: the PNG of the same name next to this file (mean ± 95% interval over seeds, chosen lr per "
-              "method).", ""]
+    lines += reading_and_plot_lines(r, "mean ± 95% interval over seeds, chosen lr per method")
     return "\n".join(lines)
 
 

@@ -64,7 +64,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
-from common import aggregate_curves, best_setting, format_interval, mean_interval, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    aggregate_curves, best_setting, format_interval, mean_interval, reading_and_plot_lines, run_status, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import mixsd_world  # noqa: E402
 import tiny_world  # noqa: E402
@@ -422,7 +423,7 @@ def _pretrain_note(r: dict) -> str:
 
 
 def to_markdown(r: dict) -> str:
-    status = "complete" if r["complete"] else "PARTIAL — the run stopped before every planned setting finished"
+    status = run_status(r)
     p = r["sizes"]
     lines = ["# MixSD versus SFT on the gold answer, at matched memorisation", "",
              f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} thread(s); wall time "
@@ -506,10 +507,8 @@ def to_markdown(r: dict) -> str:
                                  f"share {t['naive_token_share']:.3f}, mean retries {t['mean_retries']:.2f}, "
                                  f"mean length {t['mean_completion_tokens']:.1f} tokens")
         lines.append("")
-    if r.get("reading"):
-        lines += ["## Reading", "", r["reading"].strip(), ""]
-    lines += ["Plot: the PNG of the same name next to this file (mean ± 95% interval over seeds, each arm at its R1 "
-              "lr; dashed: memorisation 0.9).", ""]
+    lines += reading_and_plot_lines(r, "mean ± 95% interval over seeds, each arm at its R1 lr; dashed: "
+                                       "memorisation 0.9")
     return "\n".join(lines)
 
 

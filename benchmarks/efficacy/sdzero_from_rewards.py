@@ -73,7 +73,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
-from common import aggregate_curves, best_setting, format_interval, mean_interval, write_outputs  # noqa: E402
+from common import (  # noqa: E402
+    aggregate_curves, best_setting, format_interval, mean_interval, reading_and_plot_lines, run_status, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import sdzero_task as task  # noqa: E402
 from tiny_world import pretrain_on_chats, train_chat_tokenizer  # noqa: E402
@@ -451,7 +452,7 @@ def summarise(result: dict, seeds: list[int], lrs: list[float]) -> None:
 # Outputs
 # --------------------------------------------------------------------------------------------------------------------
 def to_markdown(r: dict) -> str:
-    status = "complete" if r["complete"] else "PARTIAL — the run stopped before every planned seed/setting finished"
+    status = run_status(r)
     p = r["sizes"]
     lines = ["# SD-Zero from binary rewards: base, SRT, SRT + Phase 2, RFT", "",
              f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} threads; wall time "
@@ -509,9 +510,7 @@ def to_markdown(r: dict) -> str:
             mark = lambda lr: " ✓" if r["chosen_lr"][arm] == lr else ""  # noqa: E731
             lines.append(f"| {arm} | " + " | ".join(format_interval(v) + mark(lr) for lr, v in by_lr.items()) + " |")
         lines.append("")
-    if r.get("reading"):
-        lines += ["## Reading", "", r["reading"].strip(), ""]
-    lines += ["Plot: the PNG of the same name next to this file (mean ± 95% interval over seeds).", ""]
+    lines += reading_and_plot_lines(r, "mean ± 95% interval over seeds")
     return "\n".join(lines)
 
 
