@@ -12,10 +12,11 @@ long reference solution, until the expert prompt is at least that many times the
 wasted width matters.
 
 Each row's contenders run once to warm up, then `--repeats` times interleaved (generate, shared, split, generate,
-...) so load from other processes hits them alike; medians are reported. Only ratios are meant to be compared.
+...) so load from other processes hits them alike; a ratio is the median over repeats of each repeat's ratio (its
+adjacent runs). Only ratios are meant to be compared.
 
 Example (the command of the committed results):
-  python benchmarks/mixsd_throughput.py --model smollm2-135m-instruct --batch-size 8 --new-tokens 64 --repeats 3 \
+  python benchmarks/mixsd_throughput.py --model smollm2-135m-instruct --batch-size 8 --new-tokens 64 --repeats 5 \
       --threads 1 --out benchmarks/results/mixsd_throughput_cpu.json --markdown benchmarks/results/mixsd_throughput_cpu.md
 """
 
@@ -93,7 +94,9 @@ def measure_decoding(model, naive, expert, *, new_tokens: int, repeats: int, pad
     seconds = {name: statistics.median(t) for name, t in times.items()}
     tps = {name: tokens[name] / s for name, s in seconds.items()}
     auto = choose_cache_layout(model, naive, expert)
-    ratios = {name: tps[name] / tps["model_generate"] for name in contenders if name != "model_generate"}
+    # Each repeat's ratio from its adjacent runs (load drifts between repeats), then the median over repeats.
+    ratios = {name: statistics.median(g / m for g, m in zip(times["model_generate"], t, strict=True))
+              for name, t in times.items() if name != "model_generate"}
     return {
         "batch": len(naive), "new_tokens": new_tokens,
         "naive_tokens_max": max(map(len, naive)), "expert_tokens_max": max(map(len, expert)),
@@ -113,7 +116,7 @@ def _markdown(r: dict) -> str:
         f"{a['batch_size']}, {a['new_tokens']} new tokens per sequence (EOS disabled), λ = {a['lambda_mix']}. "
         f"Peer: greedy `model.generate` of the expert prompts, same batch. Median of {a['repeats']} interleaved runs "
         "after a warm-up; the two layouts decode identical tokens (checked). Ratios are mixed tokens/s over "
-        "`model.generate` tokens/s.",
+        "`model.generate` tokens/s, each repeat's from its adjacent runs, median over repeats.",
         "",
         "| expert context | naive / expert width (tokens) | `shared` | `split` | `auto` picks | `auto` |",
         "|---|---:|---:|---:|---|---:|",
