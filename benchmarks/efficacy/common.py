@@ -107,7 +107,9 @@ def verdict(diff: dict, names: tuple[str, str], higher_is_better: bool = True) -
         return "no interval (fewer than 2 finite seeds)"
     better = diff["lo"] > 0 if higher_is_better else diff["hi"] < 0
     worse = diff["hi"] < 0 if higher_is_better else diff["lo"] > 0
-    return f"{names[0]} better" if better else (f"{names[1]} better" if worse else "no difference detected at this size")
+    if better:
+        return f"{names[0]} better"
+    return f"{names[1]} better" if worse else "no difference detected at this size"
 
 
 def format_interval(stat: dict, digits: int = 3) -> str:
@@ -115,6 +117,19 @@ def format_interval(stat: dict, digits: int = 3) -> str:
     if stat["lo"] is None:
         return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"
+
+
+def apply_overrides(sizes: dict, overrides: Iterable[str]) -> dict:
+    """The benchmarks' `--set key=json` overrides applied to a size's settings, in place; an unknown key is an error
+    naming the known ones (a typo must not silently run the planned protocol)."""
+    import json
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in sizes:
+            raise ValueError(f"--set {item}: unknown key {key!r}; the keys are {sorted(sizes)}.")
+        sizes[key] = json.loads(value)
+    return sizes
 
 
 def run_status(result: dict) -> str:

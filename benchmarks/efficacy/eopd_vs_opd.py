@@ -58,8 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, best_setting, format_interval, mean_interval, paired_difference, reading_and_plot_lines,
-    run_seeds, run_status, write_outputs)
+    aggregate_curves, apply_overrides, best_setting, format_interval, mean_interval, paired_difference,
+    reading_and_plot_lines, run_seeds, run_status, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import synthetic_modes  # noqa: E402
 
@@ -585,11 +585,7 @@ def main(argv=None) -> dict:
         p["lrs"] = args.lrs
     if args.real_lrs:
         p["real_lrs"] = args.real_lrs
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in p:
-            raise ValueError(f"--set {item}: unknown key {key!r}; the keys are {sorted(p)}.")
-        p[key] = json.loads(value)
+    apply_overrides(p, args.set)
     started = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     result = {

@@ -65,7 +65,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, best_setting, format_interval, mean_interval, reading_and_plot_lines, run_status, write_outputs)
+    aggregate_curves, apply_overrides, best_setting, format_interval, mean_interval, reading_and_plot_lines,
+    run_status, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import mixsd_world  # noqa: E402
 import tiny_world  # noqa: E402
@@ -545,11 +546,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     p = dict(SIZES[args.size])
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in p:
-            raise ValueError(f"--set {item}: unknown key {key!r}; the keys are {sorted(p)}.")
-        p[key] = json.loads(value)
+    apply_overrides(p, args.set)
     started = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if args.rewrite:

@@ -74,7 +74,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, best_setting, format_interval, mean_interval, reading_and_plot_lines, run_status, write_outputs)
+    aggregate_curves, apply_overrides, best_setting, format_interval, mean_interval, reading_and_plot_lines,
+    run_status, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import sdzero_task as task  # noqa: E402
 from tiny_world import pretrain_on_chats, train_chat_tokenizer  # noqa: E402
@@ -546,10 +547,8 @@ def main(argv=None) -> dict:
     p = json.loads(json.dumps(SIZES[args.size]))
     deviations = []
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in p:
-            raise ValueError(f"--set {item}: unknown key {key!r}; the keys are {sorted(p)}.")
-        p[key] = json.loads(value)
+        key = item.partition("=")[0]
+        apply_overrides(p, [item])
         deviations.append(f"{key} = {p[key]} (planned {SIZES[args.size][key]})")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -5,10 +5,10 @@ model: a tokenizer learnt from the task's corpus (`train_chat_tokenizer`) and a 
 conversations (`pretrain_on_chats`). Both are deterministic under their seed, so a base model is rebuilt rather than
 stored.
 
-`pretrain_on_chats` is ordinary supervised training on the assistant turns — loss on the tokens the chat template marks
-with `{% generation %}` — with AdamW, a linear warm-up and a cosine decay. Batches are right-padded: a Llama forward
-without explicit position ids counts positions from the first column, so left padding would shift them in training
-while generation (which derives positions from the attention mask) would not.
+`pretrain_on_chats` is ordinary supervised training on the assistant turns (loss on the tokens the chat template
+marks with `{% generation %}`), with AdamW, a linear warm-up and a cosine decay. Batches are right-padded: a Llama
+forward without explicit position ids counts positions from the first column, so left padding would shift them in
+training while generation (which derives positions from the attention mask) would not.
 """
 
 from __future__ import annotations
