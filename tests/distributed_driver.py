@@ -46,4 +46,7 @@ def main(method: str, out_dir: str, overrides: str = "{}") -> None:
 
 
 if __name__ == "__main__":
+    from trl_sdx.process_group import end_process_group
+
     main(*sys.argv[1:])
+    end_process_group()

@@ -51,3 +51,20 @@ def test_cli_launches_two_processes(tmp_path):
     # 8 prompts, 2 per process and step: one epoch is 2 steps with 2 processes (4 with one).
     assert "'epoch': '0.5'" in result.stdout, result.stdout[-3000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one():
+    """The scripts' last call: without it a Gloo rank can abort at exit (SIGABRT) after a successful run."""
+    import torch.distributed as dist
+
+    from trl_sdx.process_group import end_process_group
+
+    end_process_group()  # no group: nothing to do, nothing raised
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        end_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

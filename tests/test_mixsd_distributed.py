@@ -87,3 +87,6 @@ if __name__ == "__main__":
     import test_mixsd_distributed  # the checker's identity (its module) is then the same as under pytest
 
     test_mixsd_distributed._rank_main(sys.argv[1])
+    from trl_sdx.process_group import end_process_group
+
+    end_process_group()

@@ -92,4 +92,7 @@ def test_two_process_collection_shards_the_problems_and_matches_one_process(tmp_
 
 
 if __name__ == "__main__":
+    from trl_sdx.process_group import end_process_group
+
     main(sys.argv[1])
+    end_process_group()

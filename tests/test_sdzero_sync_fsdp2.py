@@ -89,4 +89,7 @@ def test_sync_under_fsdp2_copies_the_shards_like_ddp(tmp_path):
 
 
 if __name__ == "__main__":
+    from trl_sdx.process_group import end_process_group
+
     main(sys.argv[1])
+    end_process_group()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from trl_sdx.mixsd import MixSDConfig
+from trl_sdx.process_group import end_process_group
 
 SYNTHETIC_KNOWLEDGE = "synthetic-knowledge"
 
@@ -255,3 +256,4 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
+    end_process_group()  # every rank together: a live Gloo group can abort the exit

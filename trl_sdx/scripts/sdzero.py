@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, TrlParser
 
+from trl_sdx.process_group import end_process_group
 from trl_sdx.scripts._prompts import (
     SYNTHETIC_ARITHMETIC,
     PromptScriptArguments,
@@ -123,3 +124,4 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
+    end_process_group()  # every rank together: a live Gloo group can abort the exit

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from trl import ModelConfig, TrlParser
 
+from trl_sdx.process_group import end_process_group
 from trl_sdx.scripts.sdzero import SDZeroScriptArguments, load_datasets, model_init_kwargs
 from trl_sdx.sdzero.srt import SRTConfig
 
@@ -49,3 +50,4 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config())
+    end_process_group()  # every rank together: a live Gloo group can abort the exit

@@ -1,0 +1,26 @@
+"""The end of a multi-process run: every rank waits for the others, then the default process group is destroyed.
+
+Why it matters: a process that exits with a live Gloo group can abort during interpreter finalization (SIGABRT,
+"terminate called without an active exception": Gloo's worker threads are torn down after Python is gone). The
+launcher then kills the other ranks, and a run that trained and saved correctly exits with a failure. accelerate's
+`Accelerator.end_training` does the same; TRL's scripts never call it, so our entry points do.
+"""
+
+from __future__ import annotations
+
+
+def end_process_group() -> None:
+    """Barrier on every rank, then `destroy_process_group()`; nothing happens in a single, non-distributed process.
+
+    Call it once, after the script's work has succeeded on this rank (a rank that failed should exit at once so the
+    launcher stops the others, rather than wait here for ranks that will never arrive).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from accelerate import PartialState
+
+    state = PartialState()  # already built by the run's Accelerator: this only reads it
+    state.wait_for_everyone()  # NCCL needs the device-aware barrier accelerate issues
+    dist.destroy_process_group()
