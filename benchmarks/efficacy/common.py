@@ -139,6 +139,16 @@ def run_status(result: dict) -> str:
     return "PARTIAL — the run stopped before every planned seed/setting finished"
 
 
+def header_lines(result: dict, title: str, pairing: str, threads: str = "threads", seeds: str = "seeds",
+                 wall_note: str = "") -> list[str]:
+    """The markdown's opening lines: title, status, the command, threads, wall time, and how to read the intervals
+    (`pairing` says what the paired differences hold equal)."""
+    return [f"# {title}", "",
+            f"Status: **{run_status(result)}**. Command: `{result['command']}`; {result['threads']} {threads}; wall "
+            f"time {result['seconds']:.0f} s{wall_note}. Means over {seeds} with 95% t-intervals `mean [lo, hi]` "
+            f"(benchmarks/efficacy/common.py); {pairing}", ""]
+
+
 def reading_and_plot_lines(result: dict, plot_note: str) -> list[str]:
     """The markdown's closing lines: the reading (when written) and where the plot is."""
     lines = ["## Reading", "", result["reading"].strip(), ""] if result.get("reading") else []

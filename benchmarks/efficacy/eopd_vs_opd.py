@@ -58,8 +58,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, apply_overrides, best_setting, format_interval, mean_interval, paired_difference,
-    reading_and_plot_lines, run_seeds, run_status, write_outputs)
+    aggregate_curves, apply_overrides, best_setting, format_interval, header_lines, mean_interval, paired_difference,
+    reading_and_plot_lines, run_seeds, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import synthetic_modes  # noqa: E402
 
@@ -395,12 +395,8 @@ def _synthetic_markdown(s: dict, p: dict, title: str, note: str = "") -> list[st
 
 
 def to_markdown(r: dict) -> str:
-    status = run_status(r)
-    lines = ["# EOPD (τ = 0.8) versus OPD (τ = ∞): does the entropy gate help?", "",
-             f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} threads; wall time "
-             f"{r['seconds']:.0f} s. Means over seeds with 95% t-intervals `mean [lo, hi]` "
-             "(benchmarks/efficacy/common.py); EOPD − OPD is paired by seed (same initial student, prompt order and "
-             "sampling seed).", ""]
+    lines = header_lines(r, "EOPD (τ = 0.8) versus OPD (τ = ∞): does the entropy gate help?",
+                         "EOPD − OPD is paired by seed (same initial student, prompt order and sampling seed).")
     if r.get("deviations"):
         lines += ["**Deviations from the planned protocol** (the `SIZES` of the script):", "",
                   *[f"- {d}" for d in r["deviations"]], ""]

@@ -65,8 +65,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, apply_overrides, best_setting, format_interval, mean_interval, reading_and_plot_lines,
-    run_status, write_outputs)
+    aggregate_curves, apply_overrides, best_setting, format_interval, header_lines, mean_interval,
+    reading_and_plot_lines, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import mixsd_world  # noqa: E402
 import tiny_world  # noqa: E402
@@ -424,14 +424,11 @@ def _pretrain_note(r: dict) -> str:
 
 
 def to_markdown(r: dict) -> str:
-    status = run_status(r)
     p = r["sizes"]
-    lines = ["# MixSD versus SFT on the gold answer, at matched memorisation", "",
-             f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} thread(s); wall time "
-             f"{r['seconds']:.0f} s{_pretrain_note(r)}. Means over seeds {p['seeds']} with 95% t-intervals "
-             "`mean [lo, hi]` "
-             "(benchmarks/efficacy/common.py); differences are paired by seed.", "",
-             "```", preregistered_rule(), "```", ""]
+    lines = header_lines(r, "MixSD versus SFT on the gold answer, at matched memorisation",
+                         "differences are paired by seed.", threads="thread(s)", seeds=f"seeds {p['seeds']}",
+                         wall_note=_pretrain_note(r))
+    lines += ["```", preregistered_rule(), "```", ""]
     c = r.get("base_check")
     if c:
         lines += [

@@ -74,8 +74,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: its siblings
 from common import (  # noqa: E402
-    aggregate_curves, apply_overrides, best_setting, format_interval, mean_interval, reading_and_plot_lines,
-    run_status, write_outputs)
+    aggregate_curves, apply_overrides, best_setting, format_interval, header_lines, mean_interval,
+    reading_and_plot_lines, write_outputs)
 from common import verdict as common_verdict  # noqa: E402
 import sdzero_task as task  # noqa: E402
 from tiny_world import pretrain_on_chats, train_chat_tokenizer  # noqa: E402
@@ -453,14 +453,10 @@ def summarise(result: dict, seeds: list[int], lrs: list[float]) -> None:
 # Outputs
 # --------------------------------------------------------------------------------------------------------------------
 def to_markdown(r: dict) -> str:
-    status = run_status(r)
     p = r["sizes"]
-    lines = ["# SD-Zero from binary rewards: base, SRT, SRT + Phase 2, RFT", "",
-             f"Status: **{status}**. Command: `{r['command']}`; {r['threads']} threads; wall time "
-             f"{r['seconds']:.0f} s. "
-             "Means over seeds with 95% t-intervals `mean [lo, hi]` (benchmarks/efficacy/common.py); differences "
-             "are paired by seed (same base model, same training problems).", "",
-             "```", preregistered_rule(), "```", ""]
+    lines = header_lines(r, "SD-Zero from binary rewards: base, SRT, SRT + Phase 2, RFT",
+                         "differences are paired by seed (same base model, same training problems).")
+    lines += ["```", preregistered_rule(), "```", ""]
     t = r.get("task", {})
     if t:
         lines += [f"Task (benchmarks/efficacy/sdzero_task.py): two-digit addition; pools {json.dumps(t)}. Base: tiny "
