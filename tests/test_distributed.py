@@ -1,6 +1,7 @@
 """Every trainer under a real 2-process launch (gloo on CPU): both ranks finish, agree on the logged loss, and
 hold the same weights afterwards (gradients were all-reduced)."""
 
+import gc
 import json
 import os
 import subprocess
@@ -61,10 +62,22 @@ def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one():
 
     end_process_group()  # no group: nothing to do, nothing raised
     assert not dist.is_initialized()
+
+    class FinishedRun:  # stands for a Trainer kept alive by reference cycles, holding the group through DDP
+        def __del__(self):
+            group_alive_when_freed.append(dist.is_initialized())
+
+    group_alive_when_freed = []
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    gc.disable()  # only end_process_group's own collection may free the cycle
     try:
+        run = FinishedRun()
+        run.self = run
+        del run
         end_process_group()
         assert not dist.is_initialized()
+        assert group_alive_when_freed == [True]  # collected first, while the group still existed
     finally:
+        gc.enable()
         if dist.is_initialized():
             dist.destroy_process_group()

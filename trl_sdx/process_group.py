@@ -15,12 +15,18 @@ def end_process_group() -> None:
     Call it once, after the script's work has succeeded on this rank (a rank that failed should exit at once so the
     launcher stops the others, rather than wait here for ranks that will never arrive).
     """
+    import gc
+
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
     from accelerate import PartialState
 
+    # A finished Trainer lives on in reference cycles until the next collection, and with it the DDP/FSDP wrapper
+    # that holds the process group and Gloo's pending work objects. Collect it now, while the interpreter is whole,
+    # so destroying the group below releases the last reference and Gloo's threads end here, not at finalization.
+    gc.collect()
     state = PartialState()  # already built by the run's Accelerator: this only reads it
     state.wait_for_everyone()  # NCCL needs the device-aware barrier accelerate issues
     dist.destroy_process_group()
