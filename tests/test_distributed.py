@@ -54,7 +54,7 @@ def test_cli_launches_two_processes(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_end_process_group_destroys_the_group_and_is_a_no_op_without_one():
+def test_end_process_group_frees_the_finished_run_then_destroys_the_group():
     """The scripts' last call: without it a Gloo rank can abort at exit (SIGABRT) after a successful run."""
     import torch.distributed as dist
 
